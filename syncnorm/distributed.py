@@ -1,0 +1,149 @@
+"""Statistics exchange: the only module of syncnorm that talks to ``torch.distributed``.
+
+Two collectives per synchronized layer and training step, both ``all_reduce(SUM)`` over an
+explicit process group, with payloads of O(C) whatever the world size:
+
+* forward: ``[sig, sig**2, count, sum(x), sum(x**2)]`` in float64 (``2C + 3`` values), see
+  :func:`exchange_moments`. The two ``sig`` entries carry a small signature of the layer (name,
+  channels, dtype, device type): every rank checks that the reduced values equal ``W * sig`` and
+  ``W * sig**2``, which holds only if all ranks sent the same signature. A rank that skipped a layer
+  and entered another, or a rank with a different dtype, is reported by name instead of silently
+  mixing statistics of different layers.
+* backward: ``[sum(dy), sum(dy * (x - mean))]`` (``2C`` values), see :func:`exchange_grad_sums`.
+
+Blocking waits on CPU tensors are bounded by a timeout (``timeout_s``), so a rank that never arrives
+(crashed, stuck, or skipped the layer and left the loop) makes the others fail with a message that
+names the layer, instead of hanging for the process group's default 30 minutes. On CUDA the wait is
+left to the stream and to the process group's own timeout (a host-side wait would be a sync).
+"""
+
+from __future__ import annotations
+
+import datetime
+import zlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "SyncError",
+    "SyncSpec",
+    "resolve_group",
+    "group_size",
+    "exchange_moments",
+    "exchange_grad_sums",
+]
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Default bound, in seconds, on a blocking wait in a synchronized layer (gloo/CPU)."""
+
+_HEADER = 2  # sig, sig**2
+
+
+class SyncError(RuntimeError):
+    """A collective of a synchronized layer failed, timed out, or found the ranks inconsistent."""
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """Everything the exchange needs to know about the calling layer; no tensors, no state.
+
+    Args:
+        label: how messages name the layer, e.g. ``SyncBatchNorm 'layer1.0.bn1'``.
+        num_features: channel count C.
+        group: the resolved process group (never ``None`` here).
+        timeout_s: bound on a blocking wait for CPU tensors; ``None`` waits as long as the group does.
+        verify: check the layer signature in the forward exchange (free on CPU, a host sync on CUDA).
+    """
+
+    label: str
+    num_features: int
+    group: Any
+    timeout_s: Optional[float] = DEFAULT_TIMEOUT_S
+    verify: bool = True
+
+
+def resolve_group(process_group: Optional[Any]) -> Optional[Any]:
+    """The group to synchronize over: ``process_group``, else WORLD; ``None`` without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def group_size(group: Optional[Any]) -> int:
+    """Size of ``group``; 1 when there is none, so callers fall back to local batch norm."""
+    if group is None:
+        return 1
+    return dist.get_world_size(group)
+
+
+def _signature(spec: SyncSpec, x: Tensor) -> int:
+    text = f"{spec.label}|{spec.num_features}|{x.dtype}|{x.device.type}"
+    return zlib.crc32(text.encode()) & 0xFFFFF  # 20 bits: sums of squares stay exact in float64
+
+
+def _describe(spec: SyncSpec, x: Tensor) -> str:
+    return f"{spec.label} (C={spec.num_features}, {str(x.dtype).replace('torch.', '')}, {x.device.type})"
+
+
+def _all_reduce(buf: Tensor, spec: SyncSpec, what: str) -> None:
+    try:
+        if buf.device.type == "cpu" and spec.timeout_s is not None:
+            work = dist.all_reduce(buf, group=spec.group, async_op=True)
+            work.wait(timeout=datetime.timedelta(seconds=spec.timeout_s))
+        else:
+            dist.all_reduce(buf, group=spec.group)
+    except RuntimeError as err:
+        rank = dist.get_rank()
+        timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
+        cause = (f"no answer within {spec.timeout_s:g} s" if timed_out and spec.timeout_s is not None
+                 else "the collective failed")
+        raise SyncError(
+            f"{spec.label}: {what} all_reduce on rank {rank} did not complete: {cause} ({err}). "
+            "Every rank of the process group must run this layer in training mode, in the same order; "
+            "a rank that skipped it (data-dependent branch), crashed, or has a different model "
+            "leaves the others waiting. HINT: raise the layer's sync_timeout_s if a rank is just slow."
+        ) from err
+
+
+def _report_mismatch(spec: SyncSpec, x: Tensor) -> None:
+    gathered: list[Any] = [None] * group_size(spec.group)
+    try:
+        dist.all_gather_object(gathered, _describe(spec, x), group=spec.group)
+        ranks = dist.get_process_group_ranks(spec.group)
+        detail = "; ".join(f"rank {r}: {d}" for r, d in zip(ranks, gathered))
+    except RuntimeError as err:  # the error path must not hang or hide the real problem
+        detail = f"(could not gather the per-rank details: {err}); this rank: {_describe(spec, x)}"
+    raise SyncError(
+        f"{spec.label}: ranks disagree on the synchronized layer they are in: {detail}. "
+        "All ranks must call the same synchronized norm layers in the same order with the same "
+        "channel count, dtype and device type (did a rank skip a layer in a data-dependent branch?)."
+    )
+
+
+def exchange_moments(packed: Tensor, spec: SyncSpec, x: Tensor) -> Tensor:
+    """Sum packed per-rank moments ``[count, s1, s2]`` (float64, ``2C + 1``) over ``spec.group``.
+
+    Returns the summed vector without the signature header. Raises :class:`SyncError` when the ranks
+    are in different layers (signature mismatch) or the collective fails or times out.
+    """
+    sig = float(_signature(spec, x))
+    header = torch.tensor([sig, sig * sig], dtype=torch.float64, device=packed.device)
+    buf = torch.cat([header, packed])
+    _all_reduce(buf, spec, "forward statistics")
+    if spec.verify:
+        world = float(group_size(spec.group))
+        got = buf[:_HEADER].tolist()
+        if got[0] != world * sig or got[1] != world * sig * sig:
+            _report_mismatch(spec, x)
+    return buf[_HEADER:]
+
+
+def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:
+    """Sum the backward per-channel sums ``[sum(dy), sum(dy * (x - mean))]`` over ``spec.group``."""
+    buf = sums.contiguous()
+    _all_reduce(buf, spec, "backward gradient-sum")
+    return buf

@@ -1,0 +1,227 @@
+"""Pure math of batch normalization: moments, their count-weighted merge, normalize, backward.
+
+Nothing here communicates or imports ``torch.distributed``: the synchronized layers call these
+functions on each rank and move only the small per-channel results through
+:mod:`syncnorm.distributed`.
+
+Conventions, for input ``x`` of shape ``(N, C, *)``:
+
+* ``count`` is the number of values per channel (``N * prod(*)``), the same for every channel.
+* Moments are ``(mean, m2)`` with ``m2 = sum((x - mean)**2)``; variance is ``m2 / count``
+  (biased, used to normalize) or ``m2 / (count - 1)`` (unbiased, stored in ``running_var``).
+* Statistics are computed in float32 (float64 for float64 input) whatever the input dtype, and are
+  returned in float64 so that per-rank moments can be merged without losing digits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Moments",
+    "reduce_dims",
+    "stats_dtype",
+    "batch_moments",
+    "pack_moments",
+    "unpack_moments",
+    "merge_moments",
+    "normalize",
+    "backward_reduce",
+    "backward_elemt",
+    "update_running_stats",
+    "momentum_factor",
+]
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of a batch: ``count`` values, their ``mean`` and ``m2``."""
+
+    count: Tensor  # 0-dim float64
+    mean: Tensor  # (C,) float64
+    m2: Tensor  # (C,) float64
+
+    @property
+    def var(self) -> Tensor:
+        """Biased (population) variance, ``m2 / count``."""
+        return self.m2 / self.count
+
+    @property
+    def unbiased_var(self) -> Tensor:
+        """Unbiased variance, ``m2 / (count - 1)``, the estimator ``running_var`` tracks."""
+        return self.m2 / (self.count - 1)
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Dimensions reduced by batch norm for ``(N, C, *)`` input: all but the channel one."""
+    return [0] + list(range(2, x.dim()))
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Working dtype of the statistics: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    """Reshape a ``(C,)`` tensor to broadcast against ``(N, C, *)`` input with ``ndim`` dims."""
+    return t.view([1, -1] + [1] * (ndim - 2))
+
+
+def batch_moments(x: Tensor) -> Moments:
+    """Per-channel moments of ``x`` (``(N, C, *)``), numerically stable.
+
+    Two passes: a float32 mean ``m0``, then the sums of ``d = x - m0`` and ``d**2``. Because
+    ``d`` is centred, the sum of squares has no catastrophic cancellation, and the rounding of
+    ``m0`` is corrected exactly by ``sum(d)`` (the result is as if the mean were known in float64).
+    An empty batch gives ``count == 0`` and zero sums, so an empty rank still contributes the
+    identity element to a merge.
+    """
+    c = x.shape[1]
+    acc = stats_dtype(x.dtype)
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+        return Moments(torch.zeros((), dtype=torch.float64, device=x.device), zeros, zeros.clone())
+    dims = reduce_dims(x)
+    n = x.numel() // c
+    m0 = x.mean(dims, dtype=acc)
+    d = x - _channel_view(m0, x.dim())  # promotes half/bf16 to float32, no extra cast pass
+    s1 = d.sum(dims, dtype=acc).double()
+    s2 = d.square_().sum(dims, dtype=acc).double()
+    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
+    mean = m0.double() + s1 / n
+    m2 = (s2 - s1 * s1 / n).clamp_(min=0.0)
+    return Moments(count, mean, m2)
+
+
+def pack_moments(m: Moments) -> Tensor:
+    """Pack moments into one float64 vector ``[count, sum, sum of squares]`` of length ``2C + 1``.
+
+    Sums are additive across ranks, so a single ``all_reduce(SUM)`` of packed vectors merges the
+    moments of every rank, count-weighted (uneven and empty ranks are exact).
+    """
+    s1 = m.mean * m.count
+    s2 = m.m2 + m.mean * s1
+    return torch.cat([m.count.reshape(1), s1, s2])
+
+
+def unpack_moments(packed: Tensor, num_features: int) -> Moments:
+    """Inverse of :func:`pack_moments` applied to a (possibly summed) packed vector.
+
+    The caller must make sure the total count is positive.
+    """
+    count = packed[0]
+    s1 = packed[1 : 1 + num_features]
+    s2 = packed[1 + num_features : 1 + 2 * num_features]
+    mean = s1 / count
+    m2 = (s2 - mean * s1).clamp_(min=0.0)
+    return Moments(count, mean, m2)
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    """Exact count-weighted merge of moments (Chan et al.), for chunks held in one process."""
+    count = torch.stack([p.count for p in parts]).sum()
+    mean = sum(p.mean * p.count for p in parts) / count
+    m2 = sum(p.m2 + p.count * (p.mean - mean) ** 2 for p in parts)
+    return Moments(count, mean, m2)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` per channel, returned in ``x.dtype``.
+
+    ``mean`` and ``invstd`` are float64 ``(C,)``. The float32 rounding of the mean is subtracted
+    first (exact for values near the mean) and its remainder folded into the shift, so data with a
+    large offset (mean 1e4, std 1e-2) normalizes to float32 precision instead of losing digits.
+    """
+    acc = stats_dtype(x.dtype)
+    scale = invstd if weight is None else invstd * weight.double()
+    mean_lo = mean.to(acc)
+    shift = -(mean - mean_lo.double()) * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    nd = x.dim()
+    out = torch.addcmul(_channel_view(shift.to(acc), nd), x - _channel_view(mean_lo, nd),
+                        _channel_view(scale.to(acc), nd))
+    return out.to(x.dtype)
+
+
+def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Local per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in the statistics dtype.
+
+    ``sum(dy)`` is ``grad_bias``; ``sum(dy * (x - mean)) * invstd`` is ``grad_weight``.
+    """
+    acc = stats_dtype(x.dtype)
+    c = x.shape[1]
+    if x.numel() == 0:
+        z = torch.zeros(c, dtype=acc, device=x.device)
+        return z, z.clone()
+    dims = reduce_dims(x)
+    nd = x.dim()
+    sum_dy = grad_out.sum(dims, dtype=acc)
+    mean_lo = mean.to(acc)
+    xmu = x - _channel_view(mean_lo, nd)
+    sum_dy_xmu = xmu.mul_(grad_out).sum(dims, dtype=acc)
+    # (x - mean) = (x - mean_lo) + (mean_lo - mean): correct for the rounding of the mean
+    sum_dy_xmu += ((mean_lo.double() - mean) * sum_dy.double()).to(acc)
+    return sum_dy, sum_dy_xmu
+
+
+def backward_elemt(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    count: Tensor,
+) -> Tensor:
+    """Input gradient of batch norm given the *global* sums and count.
+
+    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    """
+    acc = stats_dtype(x.dtype)
+    nd = x.dim()
+    w = invstd if weight is None else invstd * weight.double()
+    k = (-w * invstd * invstd * sum_dy_xmu.double() / count).to(acc)
+    c = (-w * sum_dy.double() / count).to(acc)
+    mean_lo = mean.to(acc)
+    t = x - _channel_view(mean_lo, nd)
+    # the float32 rounding of the mean moves (x - mean) by a per-channel constant: fold it into c
+    c = c + k * (mean_lo.double() - mean).to(acc)
+    t.mul_(_channel_view(k, nd)).add_(_channel_view(c, nd))
+    return torch.addcmul(t, grad_out, _channel_view(w.to(acc), nd)).to(x.dtype)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    unbiased_var: Tensor,
+    factor: float,
+) -> None:
+    """In-place ``running = (1 - factor) * running + factor * batch`` for mean and variance."""
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    if running_var is not None:
+        running_var.lerp_(unbiased_var.to(running_var.dtype), factor)
+
+
+def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
+    """The exponential-average factor torch uses: ``momentum``, or ``1 / batches`` when ``None``.
+
+    Call after ``num_batches_tracked`` has been incremented for the current batch.
+    """
+    if momentum is not None:
+        return float(momentum)
+    if num_batches_tracked is None:
+        return 0.0
+    return 1.0 / float(num_batches_tracked)

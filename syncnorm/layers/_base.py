@@ -1,0 +1,141 @@
+"""Shared base of syncnorm's batch-norm family: input checks, momentum bookkeeping, state transfer.
+
+Every layer subclasses :class:`BatchNormBase` (itself torch's ``_BatchNorm``, so ``isinstance(m,
+torch.nn.modules.batchnorm._BatchNorm)`` holds and the parameter names, buffers, ``state_dict`` keys
+and checkpoint-version migration are torch's own). It deliberately does *not* subclass
+``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses that class on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..distributed import DEFAULT_TIMEOUT_S
+
+ORIGINAL_CLASS_ATTR = "_syncnorm_original_cls"
+"""Attribute in which conversions record the torch class a layer had before it was converted."""
+
+
+def layer_label(module: nn.Module) -> str:
+    """How messages name a layer: its class, and its qualified name when a conversion set one."""
+    name = getattr(module, "layer_name", None)
+    return f"{type(module).__name__} '{name}'" if name else type(module).__name__
+
+
+def check_norm_input(module: nn.Module, x: Tensor, num_features: int) -> None:
+    """``ValueError`` unless ``x`` is ``(N, num_features, *)`` with at least two dims."""
+    if x.dim() < 2:
+        raise ValueError(
+            f"{layer_label(module)}: expected input (N, {num_features}, *) with at least 2 dims, "
+            f"got {x.dim()}D input of shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer_label(module)}: expected input with {num_features} channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+
+
+def check_batch_size(module: nn.Module, x: Tensor) -> None:
+    """``ValueError`` for a local training batch with at most one value per channel."""
+    per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
+    if per_channel <= 1:
+        raise ValueError(
+            f"{layer_label(module)}: expected more than 1 value per channel when training, got "
+            f"{per_channel} (input shape {tuple(x.shape)})"
+        )
+
+
+def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Make ``dst`` use ``src``'s parameters and buffers (the same objects, not copies).
+
+    Copies ``training``, keeps ``requires_grad``, device and dtype (they live on the shared
+    tensors), carries over ``layer_name``, and records the torch class ``src`` came from so that a
+    revert restores exactly that class. Returns ``dst``.
+    """
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(src, name, None)
+            if p is None and name in dst._parameters:
+                dst._parameters[name] = None
+            elif isinstance(p, nn.Parameter) and isinstance(getattr(dst, name, None), nn.Parameter):
+                setattr(dst, name, p)
+            elif isinstance(p, Tensor) and getattr(dst, name, None) is not None:
+                getattr(dst, name).copy_(p)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            b = getattr(src, name, None)
+            if b is not None and name in dst._buffers and dst._buffers[name] is not None:
+                dst._buffers[name] = b
+    dst.train(src.training)
+    if getattr(src, "layer_name", None):
+        dst.layer_name = src.layer_name
+    original = getattr(src, ORIGINAL_CLASS_ATTR, None)
+    if original is None and not type(src).__module__.startswith("syncnorm."):
+        original = type(src)
+    if original is not None:
+        setattr(dst, ORIGINAL_CLASS_ATTR, original)
+    return dst
+
+
+class BatchNormBase(_BatchNorm):
+    """Dimension-agnostic ``_BatchNorm`` with syncnorm's checks; input ``(N, C, *)``.
+
+    Attributes (not in ``state_dict``):
+        layer_name: qualified name used in error messages; set by the conversion functions.
+        sync_timeout_s: bound, in seconds, on a blocking wait in a collective (CPU/gloo).
+    """
+
+    layer_name: Optional[str]
+    sync_timeout_s: Optional[float]
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"{type(self).__name__}: expected num_features to be a positive int, got {num_features!r}")
+        if eps < 0:
+            raise ValueError(f"{type(self).__name__}: expected eps >= 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: expected momentum in [0, 1] or None, got {momentum!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.layer_name = None
+        self.sync_timeout_s = DEFAULT_TIMEOUT_S
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_norm_input(self, input, self.num_features)
+
+    def _step_factor(self) -> float:
+        """Count the batch in ``num_batches_tracked`` when training; return the average factor.
+
+        Same convention as torch: ``momentum`` is the weight of the new batch, ``None`` means a
+        cumulative average (``1 / num_batches_tracked``).
+        """
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _uses_batch_stats(self) -> bool:
+        """Batch statistics in training, and in eval when there are no running buffers."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _buffers_for_call(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Running buffers to pass: in eval to normalize with, in training only if tracked."""
+        if not self.training or self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def _local_batch_norm(self, x: Tensor, factor: float) -> Tensor:
+        """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages."""
+        bn_training = self._uses_batch_stats()
+        if bn_training:
+            check_batch_size(self, x)
+        running_mean, running_var = self._buffers_for_call()
+        return torch.nn.functional.batch_norm(
+            x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps
+        )
