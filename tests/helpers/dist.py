@@ -24,7 +24,8 @@ _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed"])
 
 
-def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, pg_timeout_s: float) -> None:
+def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, pg_timeout_s: float,
+            clean_exit: bool) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     torch.set_num_threads(1)
@@ -37,8 +38,9 @@ def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, 
         )
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
+        if clean_exit:  # fault tests leave the group broken on purpose: just exit
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:  # report everything to the parent, including SystemExit
         with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -47,11 +49,14 @@ def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, 
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
-                    pg_timeout_s: float = 60.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+                    pg_timeout_s: float = 60.0, clean_exit: bool = True) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+
+    ``clean_exit=False`` skips the closing barrier, for tests that break the group on purpose.
+    """
     with tempfile.TemporaryDirectory(prefix="syncnorm-dist-") as folder:
         procs = [
-            _CTX.Process(target=_worker, args=(fn, r, world_size, folder, args, pg_timeout_s), daemon=True)
+            _CTX.Process(target=_worker, args=(fn, r, world_size, folder, args, pg_timeout_s, clean_exit), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:

@@ -1,0 +1,128 @@
+"""Distributed failure modes of SyncBatchNorm end in clear errors, on every rank, in bounded time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import syncnorm
+from syncnorm import SyncError
+from tests.helpers.dist import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _catch(fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+    except (ValueError, RuntimeError) as err:
+        return {"type": type(err).__name__, "msg": str(err), "seconds": time.monotonic() - t0}
+    return {"type": None, "msg": "", "seconds": time.monotonic() - t0}
+
+
+def _different_layers_worker(rank, world):
+    a, b = syncnorm.SyncBatchNorm(4), syncnorm.SyncBatchNorm(4)
+    a.layer_name, b.layer_name = "backbone.bn1", "head.bn"
+    layer = a if rank == 0 else b  # rank 1 "skipped" backbone.bn1 and is already in head.bn
+    return _catch(lambda: layer(torch.randn(3, 4, 2)))
+
+
+def test_rank_in_a_different_layer_is_named_on_every_rank():
+    res = run_distributed(_different_layers_worker, 2, clean_exit=False, timeout=60)
+    for r in res:
+        assert r["type"] == "SyncError", r
+        assert "ranks disagree" in r["msg"]
+        assert "rank 0: SyncBatchNorm 'backbone.bn1'" in r["msg"] and "rank 1: SyncBatchNorm 'head.bn'" in r["msg"]
+
+
+def _dtype_worker(rank, world):
+    layer = syncnorm.SyncBatchNorm(3, dtype=torch.float64 if rank == 1 else torch.float32)
+    x = torch.randn(4, 3, dtype=torch.float64 if rank == 1 else torch.float32)
+    return _catch(lambda: layer(x))
+
+
+def test_ranks_with_different_dtypes_get_a_clear_error():
+    res = run_distributed(_dtype_worker, 2, clean_exit=False, timeout=60)
+    for r in res:
+        assert r["type"] == "SyncError", r
+        assert "rank 0: SyncBatchNorm (C=3, float32, cpu)" in r["msg"] and "rank 1: SyncBatchNorm (C=3, float64, cpu)" in r["msg"]
+
+
+def _skip_worker(rank, world):
+    layer = syncnorm.SyncBatchNorm(5)
+    layer.layer_name = "layer3.1.bn2"
+    layer.sync_timeout_s = 3.0
+    if rank == 0:
+        return _catch(lambda: layer(torch.randn(4, 5, 3)))
+    time.sleep(6)  # rank 1 took a branch without this layer and is busy elsewhere
+    return {"type": None, "msg": "", "seconds": 0.0}
+
+
+def test_rank_that_skips_the_layer_fails_within_the_timeout():
+    res = run_distributed(_skip_worker, 2, clean_exit=False, timeout=60)
+    r = res[0]
+    assert r["type"] == "SyncError", r
+    assert "SyncBatchNorm 'layer3.1.bn2'" in r["msg"] and "did not complete" in r["msg"] and "3 s" in r["msg"]
+    assert 2.5 < r["seconds"] < 10, r["seconds"]
+
+
+def _count_worker(rank, world, sizes):
+    layer = syncnorm.SyncBatchNorm(3)
+    return _catch(lambda: layer(torch.randn(sizes[rank], 3)))
+
+
+@pytest.mark.parametrize("sizes,expected", [((1, 0, 0), "got 1 value per channel over the whole process group"),
+                                            ((0, 0, 0), "expected a non-empty batch")])
+def test_one_or_zero_values_per_channel_globally_raise_on_every_rank(sizes, expected):
+    res = run_distributed(_count_worker, 3, sizes, timeout=60)
+    for r in res:
+        assert r["type"] == "ValueError" and expected in r["msg"] and "SyncBatchNorm" in r["msg"], r
+
+
+def _small_cnn(norm):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), norm(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), norm(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4),
+    )
+
+
+def _data(step, n):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 4, (n,), generator=g)
+
+
+def _train(model, rank, world, per_rank, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        x, y = _data(step, per_rank * world)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _ddp_worker(rank, world, steps):
+    model = syncnorm.SyncBatchNorm.convert_sync_batchnorm(_small_cnn(torch.nn.BatchNorm2d))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _train(ddp, rank, world, 4, steps)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_under_ddp_training_equals_single_process_on_the_full_batch():
+    steps = 4
+    results = run_distributed(_ddp_worker, 2, steps)
+    ref = _small_cnn(torch.nn.BatchNorm2d)
+    _train(ref, 0, 1, 8, steps)
+    for rank, state in enumerate(results):
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} {k}: {m}")
