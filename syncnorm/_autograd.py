@@ -1,9 +1,15 @@
-"""``SyncBatchNormFunction``: synchronized batch norm with an explicit backward.
+"""``SyncBatchNormFunction``: (synchronized) batch norm with an explicit backward.
 
 Forward: local moments -> one all_reduce of ``[count, sum, sum of squares]`` -> global mean and
 variance -> normalize; running statistics updated with the unbiased *global* variance.
 Backward: local ``sum(dy)`` and ``sum(dy * (x - mean))`` -> one all_reduce -> input gradient.
 Weight and bias gradients stay local (DDP averages parameter gradients itself).
+With ``spec.group is None`` the same code runs without communicating (one process).
+
+Batch Renormalization reuses it unchanged but for one step: with ``renorm=(r_max, d_max)`` the
+detached corrections ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` fold into the affine transform
+(``weight * r``, ``bias + weight * d``), so its statistics travel through the same exchange.
 
 Saved for backward: the input, the global mean and inverse std (C values each) and the count:
 no normalized copy of the activations is kept.
@@ -56,36 +62,53 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         factor: float,
         spec: SyncSpec,
+        renorm: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
         local = SF.batch_moments(x)
-        reduced = exchange_moments(SF.pack_moments(local), spec, x)
-        glob = SF.unpack_moments(reduced, spec.num_features)
+        if spec.group is None:
+            glob = local
+        else:
+            glob = SF.unpack_moments(exchange_moments(SF.pack_moments(local), spec, x), spec.num_features)
         check_global_count(glob.count, x.numel() // max(x.shape[1], 1), spec.label, spec.num_features)
 
         invstd = torch.rsqrt(glob.var + eps)
-        out = SF.normalize(x, glob.mean, invstd, weight, bias)
+        r = d = None
+        scale, shift = weight, bias
+        if renorm is not None:
+            assert running_mean is not None and running_var is not None, "renorm needs running stats"
+            r, d = SF.renorm_correction(glob.mean, glob.var, running_mean, running_var, eps, *renorm)
+            w64 = weight.double() if weight is not None else torch.ones_like(r)
+            scale = w64 * r
+            shift = w64 * d + (bias.double() if bias is not None else 0.0)
+        out = SF.normalize(x, glob.mean, invstd, scale, shift)
         if running_mean is not None or running_var is not None:
             SF.update_running_stats(running_mean, running_var, glob.mean, glob.unbiased_var, factor)
 
-        ctx.save_for_backward(x, weight, glob.mean, invstd, glob.count)
+        ctx.save_for_backward(x, scale, glob.mean, invstd, glob.count, r, d)
         ctx.spec = spec
+        ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        x, weight, mean, invstd, count = ctx.saved_tensors
+        x, scale, mean, invstd, count, r, d = ctx.saved_tensors
         spec: SyncSpec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu = SF.backward_reduce(grad_out, x, mean, invstd)
 
         grad_w = grad_b = grad_x = None
-        if need_w and weight is not None:
-            grad_w = (sum_dy_xmu.double() * invstd).to(weight.dtype)
+        if need_w and ctx.weight_dtype is not None:
+            gw = sum_dy_xmu.double() * invstd
+            if r is not None:  # y = w * (x_hat * r + d) + b
+                gw = gw * r + sum_dy.double() * d
+            grad_w = gw.to(ctx.weight_dtype)
         if need_b and ctx.bias_dtype is not None:
             grad_b = sum_dy.to(ctx.bias_dtype)
         if need_x:
             c = spec.num_features
-            summed = exchange_grad_sums(torch.cat([sum_dy, sum_dy_xmu]), spec)
-            grad_x = SF.backward_elemt(grad_out, x, mean, invstd, weight, summed[:c], summed[c:], count)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            if spec.group is not None:
+                sums = exchange_grad_sums(sums, spec)
+            grad_x = SF.backward_elemt(grad_out, x, mean, invstd, scale, sums[:c], sums[c:], count)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None

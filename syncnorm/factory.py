@@ -90,15 +90,19 @@ def _group(num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: b
         raise ValueError(f"group norm: expected num_groups >= 1, got {num_groups}")
     g = largest_divisor_at_most(num_features, num_groups)
     if g != num_groups:
-        log.info("group norm: C=%d is not divisible by num_groups=%d; using %d groups", num_features, num_groups, g)
+        log.info("group norm: C=%d is not divisible by num_groups=%d; using %d groups (the largest divisor)",
+                 num_features, num_groups, g)
     return nn.GroupNorm(g, num_features, eps=eps, affine=affine)
 
 
 def _register_builtins() -> None:
-    from .layers import SyncBatchNorm
+    from .layers import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SyncBatchNorm
 
     register_norm("batch", _batch)
     register_norm("sync", SyncBatchNorm)
+    register_norm("ghost", GhostBatchNorm)
+    register_norm("renorm", BatchRenorm)
+    register_norm("frozen", FrozenBatchNorm)
     register_norm("group", _group)
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "backward_elemt",
     "update_running_stats",
     "momentum_factor",
+    "renorm_correction",
+    "renorm_limits",
 ]
 
 
@@ -225,3 +227,40 @@ def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Ten
     if num_batches_tracked is None:
         return 0.0
     return 1.0 / float(num_batches_tracked)
+
+
+def renorm_correction(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: Tensor | float,
+    d_max: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's ``r`` and ``d`` (Ioffe 2017), float64, without gradient.
+
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
+    with ``sigma_B = sqrt(var_B + eps)`` from the batch and ``mu``, ``sigma = sqrt(running_var +
+    eps)`` from the running statistics *before* this step's update.
+    """
+    with torch.no_grad():
+        sigma = torch.sqrt(running_var.double() + eps)
+        r_max_t = torch.as_tensor(r_max, dtype=torch.float64, device=mean.device)
+        d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=mean.device)
+        r = torch.clamp(torch.sqrt(var.double() + eps) / sigma, min=1.0 / r_max_t, max=r_max_t)
+        d = torch.clamp((mean.double() - running_mean.double()) / sigma, min=-d_max_t, max=d_max_t)
+    return r, d
+
+
+def renorm_limits(r_max: float, d_max: float, step: Tensor, warmup_steps: int) -> tuple[Tensor, Tensor]:
+    """Limits at training step ``step`` (counting from 0), ramped linearly over ``warmup_steps``.
+
+    ``r_max_t = 1 + (r_max - 1) * min(1, t / T)``, ``d_max_t = d_max * min(1, t / T)``; computed on
+    the device from a tensor step, so no host sync.
+    """
+    if warmup_steps <= 0:
+        ramp = torch.ones((), dtype=torch.float64, device=step.device)
+    else:
+        ramp = torch.clamp(step.double() / warmup_steps, max=1.0)
+    return 1.0 + (r_max - 1.0) * ramp, d_max * ramp

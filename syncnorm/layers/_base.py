@@ -71,6 +71,12 @@ def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
             if b is not None and name in dst._buffers and dst._buffers[name] is not None:
                 dst._buffers[name] = b
     dst.train(src.training)
+    record_origin(src, dst)
+    return dst
+
+
+def record_origin(src: nn.Module, dst: nn.Module) -> None:
+    """Carry ``layer_name`` and the original torch class (``src``'s own, or the one it recorded)."""
     if getattr(src, "layer_name", None):
         dst.layer_name = src.layer_name
     original = getattr(src, ORIGINAL_CLASS_ATTR, None)
@@ -78,7 +84,6 @@ def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
         original = type(src)
     if original is not None:
         setattr(dst, ORIGINAL_CLASS_ATTR, original)
-    return dst
 
 
 class BatchNormBase(_BatchNorm):

@@ -94,8 +94,11 @@ def init_affine(layer: torch.nn.Module, case: Case) -> torch.nn.Module:
     return layer
 
 
-def assert_parity(case: Case, per_rank: list[dict], atol: float = 1e-5, rtol: float = 0.0) -> None:
-    ref = run_layer(init_affine(reference_layer(case), case), case, None)
+def assert_parity(case: Case, per_rank: list[dict], atol: float = 1e-5, rtol: float = 0.0,
+                  reference: Optional[torch.nn.Module] = None) -> None:
+    """Per-rank results vs ``reference`` (default: torch BatchNorm) run on the full batch."""
+    ref_layer = reference if reference is not None else reference_layer(case)
+    ref = run_layer(init_affine(ref_layer, case), case, None)
     tag = case.label or repr(case)
 
     def close(a, b, what):
