@@ -249,8 +249,9 @@ def build_resnet(depth: int, **kwargs) -> ResNet:
     Example::
 
         >>> model = build_resnet(50, num_classes=10, width=4, norm="group")
-        >>> model.layer1[0].downsample[1]
-        GroupNorm(16, 16, eps=1e-05, affine=True)
+        >>> norm = model.layer1[0].downsample[1]
+        >>> type(norm).__name__, norm.num_groups, norm.num_channels
+        ('GroupNorm', 16, 16)
     """
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"build_resnet: expected depth in {sorted(RESNET_DEPTHS)}, got {depth!r}")
