@@ -203,17 +203,25 @@ def convert_norms(module: nn.Module, kind: str, **options: Any) -> nn.Module:
         >>> type(syncnorm.revert_norms(net)[1]).__name__
         'BatchNorm2d'
     """
+    root, summary = convert_norms_with_summary(module, kind, **options)
+    log.info("%s", summary)
+    return root
+
+
+def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> tuple[nn.Module, str]:
+    """:func:`convert_norms` that returns ``(root, summary)`` and logs nothing (for callers that
+    log on rank zero only)."""
     if not isinstance(kind, str) or kind.lower() not in KINDS:
         raise ValueError(f"convert_norms: unknown kind {kind!r}; expected one of {list(KINDS)}")
     kind = kind.lower()
+    prefix = ""
     if kind == "auto":
         auto_keys = {"per_device_batch", "world_size", "min_local_batch", "min_global_batch"}
         if "per_device_batch" not in options:
             raise ValueError("convert_norms(kind='auto'): expected option per_device_batch=<int>, got none")
-        chosen, reason = choose_auto_kind(**{k: options[k] for k in auto_keys if k in options})
-        log.info("convert_norms(auto): chose %r because %s", chosen, reason)
-        rest = {k: v for k, v in options.items() if k not in auto_keys and k in _OPTIONS[chosen]}
-        return convert_norms(module, chosen, **rest)
+        kind, reason = choose_auto_kind(**{k: options[k] for k in auto_keys if k in options})
+        options = {k: v for k, v in options.items() if k not in auto_keys and k in _OPTIONS[kind]}
+        prefix = f"auto chose {kind!r} because {reason}; "
     unknown = set(options) - _OPTIONS[kind] - ({"momentum"} if kind == "renorm" else set())
     if unknown:
         raise ValueError(f"convert_norms(kind={kind!r}): unknown options {sorted(unknown)}; "
@@ -221,11 +229,11 @@ def convert_norms(module: nn.Module, kind: str, **options: Any) -> nn.Module:
     changes: Counter = Counter()
     root = _convert(module, kind, options, "", changes)
     if changes:
-        summary = ", ".join(f"{src} -> {dst} x{n}" for (src, dst), n in sorted(changes.items()))
-        log.info("convert_norms(%s): %d layers converted (%s)", kind, sum(changes.values()), summary)
+        detail = ", ".join(f"{src} -> {dst} x{n}" for (src, dst), n in sorted(changes.items()))
+        summary = f"convert_norms({kind}): {prefix}{sum(changes.values())} layers converted ({detail})"
     else:
-        log.info("convert_norms(%s): no layer to convert", kind)
-    return root
+        summary = f"convert_norms({kind}): {prefix}no layer to convert"
+    return root, summary
 
 
 def _convert(m: nn.Module, kind: str, options: dict, prefix: str, changes: Counter) -> nn.Module:

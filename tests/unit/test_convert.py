@@ -96,7 +96,7 @@ def test_device_dtype_preserved_and_auto_policy_logged(caplog):
     with caplog.at_level(logging.INFO, logger="syncnorm"):
         convert_norms(net, "auto", per_device_batch=2, world_size=8)
     assert isinstance(net[1], SyncBatchNorm) and net[1].weight.dtype == torch.float64
-    assert "chose 'sync'" in caplog.text and "global batch 16" in caplog.text
+    assert "auto chose 'sync'" in caplog.text and "global batch 16" in caplog.text
     assert syncnorm.choose_auto_kind(32, 4)[0] == "batch"
     assert syncnorm.choose_auto_kind(2, 2)[0] == "group"
     assert syncnorm.choose_auto_kind(4, 4)[0] == "sync"

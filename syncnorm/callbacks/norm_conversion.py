@@ -1,0 +1,85 @@
+"""``NormConversion``: convert a LightningModule's norms before the strategy wraps it."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from typing_extensions import override
+
+from ..convert import KINDS, convert_norms_with_summary
+
+
+class NormConversion(pl.Callback):
+    """Converts every batch-norm layer of the LightningModule to ``kind`` in ``setup``.
+
+    ``setup`` runs before the strategy moves and wraps the model (DDP), before the optimizers are
+    built, and before a checkpoint is restored, so the converted layers are the ones DDP sees and
+    the checkpoint loads into (the ``state_dict`` keys do not change). Unlike Lightning's
+    ``Trainer(sync_batchnorm=True)``, ``NormConversion("sync")`` works on CPU (gloo) as well as GPU.
+
+    Args:
+        kind: ``batch``, ``sync``, ``ghost``, ``renorm``, ``frozen``, ``group`` or ``auto``
+            (see :func:`syncnorm.convert_norms`).
+        **options: options of that kind. For ``auto``, ``per_device_batch`` defaults to the
+            datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
+            Trainer's.
+
+    Raises:
+        ValueError: unknown kind (in ``__init__``); ``auto`` without a discoverable batch size.
+        RuntimeError: combined with ``Trainer(sync_batchnorm=True)``.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from syncnorm.callbacks import NormConversion
+
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp",
+                          callbacks=[NormConversion("sync")])
+    """
+
+    def __init__(self, kind: str, **options: Any) -> None:
+        if not isinstance(kind, str) or kind.lower() not in KINDS:
+            raise ValueError(f"NormConversion: unknown kind {kind!r}; expected one of {list(KINDS)}")
+        self.kind = kind.lower()
+        self.options = options
+        self.summary: Optional[str] = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if _uses_torch_sync_batchnorm(trainer):
+            raise RuntimeError(
+                "NormConversion cannot be combined with Trainer(sync_batchnorm=True): both convert the "
+                "norm layers. HINT: remove sync_batchnorm=True (NormConversion('sync') replaces it, on "
+                "CPU too).")
+        if self.summary is not None:  # fit then validate/test on the same module: convert once
+            return
+        options = dict(self.options)
+        if self.kind == "auto":
+            options.setdefault("world_size", trainer.world_size)
+            if "per_device_batch" not in options:
+                options["per_device_batch"] = _batch_size(trainer, pl_module)
+        _, self.summary = convert_norms_with_summary(pl_module, self.kind, **options)
+        rank_zero_info(f"NormConversion: {self.summary}")
+
+
+def _uses_torch_sync_batchnorm(trainer: pl.Trainer) -> bool:
+    from pytorch_lightning.plugins import TorchSyncBatchNorm
+
+    # Trainer(sync_batchnorm=True) installs TorchSyncBatchNorm on the connector, and on the strategy
+    # only for parallel strategies
+    candidates = (getattr(trainer.strategy, "_layer_sync", None),
+                  getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None))
+    return any(isinstance(c, TorchSyncBatchNorm) for c in candidates)
+
+
+def _batch_size(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    for source in (getattr(trainer, "datamodule", None), getattr(pl_module, "hparams", None)):
+        value = getattr(source, "batch_size", None) if source is not None else None
+        if value is None and isinstance(source, dict):
+            value = source.get("batch_size")
+        if isinstance(value, int):
+            return value
+    raise ValueError("NormConversion('auto'): pass per_device_batch=<int>; no batch_size found on the "
+                     "datamodule or in the module's hparams")

@@ -1,0 +1,144 @@
+"""``PreciseBN``: replace the EMA running statistics by true population statistics."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from .. import functional as SF
+from ._select import Selection, has_frozen_stats, select_norm_layers
+
+ForwardFn = Callable[[pl.LightningModule, Any], Any]
+
+
+def _default_forward(module: pl.LightningModule, batch: Any) -> Any:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return module(x)
+
+
+@torch.no_grad()
+def recompute_population_stats(model: nn.Module, batches: Any, layers: dict[str, nn.Module],
+                               forward: Callable[[Any], Any]) -> int:
+    """Set each layer's running statistics to the population statistics of its inputs over ``batches``.
+
+    The model runs in training mode (each layer's input is what it sees in training), without
+    gradient. Per-layer float64 sums ``[count, sum, sum of squares]`` are accumulated over all
+    batches, so every *sample* weighs the same (an EMA, or an average of per-batch statistics, would
+    not), then summed over the ranks with one ``all_reduce`` when a process group is initialized.
+    ``running_var`` gets the unbiased population variance, as BatchNorm stores it. Every other
+    batch-norm layer's buffers and every module's training flag are restored. Returns the number of
+    batches used on this rank.
+    """
+    sums: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            packed = SF.pack_moments(SF.batch_moments(args[0].detach()))
+            sums[name] = packed if name not in sums else sums[name] + packed
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)}
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    used = 0
+    try:
+        model.train()
+        for batch in batches:
+            forward(batch)
+            used += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        for m, bufs in saved.items():  # undo the EMA updates the training-mode passes made
+            for k, b in bufs.items():
+                getattr(m, k).copy_(b)
+    names = sorted(layers)
+    if not names:
+        return used
+    device = next((b.device for b in layers[names[0]].buffers()), torch.device("cpu"))
+    flat = torch.cat([sums.get(n, torch.zeros(1 + 2 * layers[n].num_features, dtype=torch.float64)).to(device)
+                      for n in names])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        buf = flat if dist.get_backend() == "nccl" else flat.cpu()
+        dist.all_reduce(buf)
+        flat = buf.to(device)
+    offset = 0
+    for n in names:
+        layer = layers[n]
+        c = layer.num_features
+        m = SF.unpack_moments(flat[offset:offset + 1 + 2 * c], c)
+        offset += 1 + 2 * c
+        if float(m.count) > 1 and layer.running_mean is not None:
+            layer.running_mean.copy_(m.mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_(m.unbiased_var.to(layer.running_var.dtype))
+    return used
+
+
+class PreciseBN(pl.Callback):
+    """At the end of every training epoch, recompute running statistics as population statistics.
+
+    Paper: https://arxiv.org/abs/2105.07576 (Wu & Johnson, "Rethinking Batch in BatchNorm"). The
+    EMA of batch statistics lags the weights and weighs recent batches more; PreciseBN runs
+    ``num_batches`` training batches through the model (training mode, no gradient) and sets
+    ``running_mean``/``running_var`` of every batch-norm layer to the mean and unbiased variance of
+    all samples its input saw, summed over all ranks (exact with uneven ranks). Layers with frozen
+    statistics (``FreezeNormStats``, ``FrozenBatchNorm``) are skipped. Training flags and every
+    other buffer are restored afterwards.
+
+    Args:
+        num_batches: training batches per rank to use (fewer if the epoch is shorter). Default: 200.
+        layers: which layers (``None`` = all batch-norm layers without frozen statistics).
+        forward_fn: ``forward_fn(pl_module, batch)``; default calls ``pl_module(batch[0])`` for a
+            tuple/list batch and ``pl_module(batch)`` otherwise.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from syncnorm.callbacks import PreciseBN
+
+        trainer = Trainer(callbacks=[PreciseBN(num_batches=200)])
+    """
+
+    def __init__(self, num_batches: int = 200, layers: Selection = None,
+                 forward_fn: Optional[ForwardFn] = None) -> None:
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"PreciseBN: expected num_batches to be an int >= 1, got {num_batches!r}")
+        self.num_batches = num_batches
+        self.layers = layers
+        self.forward_fn = forward_fn or _default_forward
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if loader is None:
+            return
+        layers = {n: m for n, m in select_norm_layers(pl_module, self.layers).items() if not has_frozen_stats(m)}
+        n = self.num_batches
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([min(n, _length(loader, n))], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # every rank must run as many synced forwards
+            n = int(t)
+
+        def batches():
+            for i, batch in enumerate(itertools.islice(iter(loader), n)):
+                yield trainer.strategy.batch_to_device(batch, pl_module.device)
+
+        used = recompute_population_stats(pl_module, batches(), layers, lambda b: self.forward_fn(pl_module, b))
+        rank_zero_info(f"PreciseBN: population statistics of {len(layers)} layers over {used} batches per rank")
+
+
+def _length(loader: Any, default: int) -> int:
+    try:
+        return len(loader)
+    except TypeError:
+        return default

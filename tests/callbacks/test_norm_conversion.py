@@ -1,0 +1,47 @@
+"""NormConversion under real DDP (2 CPU processes, gloo) equals one process on the combined batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from syncnorm.callbacks import NormConversion
+from tests.callbacks._lit import LitNet, Record, dataset, load_records, make_net, trainer
+
+pytestmark = pytest.mark.distributed
+
+
+def test_sync_under_ddp_equals_single_process_on_combined_batch(tmp_path):
+    steps, per_rank = 6, 4
+    model = LitNet(lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
+    tr = trainer(tmp_path, callbacks=[NormConversion("sync"), Record(str(tmp_path))], max_steps=steps)
+    tr.fit(model)
+    records = load_records(tmp_path)
+    for rec in records:  # what each DDP worker trained
+        assert len(rec["kinds"]) == 4 and set(rec["kinds"].values()) == {"SyncBatchNorm"}, rec["kinds"]
+
+    ref = make_net(0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    data = dataset(steps * per_rank * 2)
+    for step in range(steps):  # DistributedSampler(shuffle=False) interleaves: the union is contiguous
+        x, y = data.tensors[0][step * 8:(step + 1) * 8], data.tensors[1][step * 8:(step + 1) * 8]
+        loss = nn.functional.cross_entropy(ref(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for rank, rec in enumerate(records):
+        got = {k.replace("backbone.", "0.").replace("head.", "1."): v for k, v in rec["state"].items()}
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} {k}: {m}")
+
+
+def test_refuses_lightning_sync_batchnorm(tmp_path):
+    tr = trainer(tmp_path, devices=1, sync_batchnorm=True, callbacks=[NormConversion("sync")], max_steps=1)
+    with pytest.raises(RuntimeError, match="cannot be combined with Trainer\\(sync_batchnorm=True\\)"):
+        tr.fit(LitNet())
+
+
+def test_unknown_kind_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown kind 'syncbn'; expected one of"):
+        NormConversion("syncbn")
