@@ -79,15 +79,19 @@ def build_model(name: str, num_classes: int = 10) -> tuple[nn.Module, str]:
     """
     if name != "resnet18":
         raise ValueError(f"syncnorm.bench: expected --model resnet18, got {name!r}")
+    # The model package is developed alongside the benchmark: when it is missing or broken, fall
+    # back to the local definition and say why in the results instead of failing the benchmark.
     try:
         resnet = importlib.import_module("syncnorm.models.resnet")
-    except ImportError:
+    except ModuleNotFoundError:
         resnet = None
+    except Exception as err:  # noqa: BLE001 - reported in the results
+        return SmallResNet18(num_classes), f"syncnorm.bench._resnet.SmallResNet18 (import failed: {err!r})"
     if resnet is not None and hasattr(resnet, "build_resnet"):
         try:
             model = resnet.build_resnet(18, num_classes=num_classes, norm=nn.BatchNorm2d, stem="small")
-        except (TypeError, ValueError) as err:
-            reason = f"syncnorm.models.resnet.build_resnet failed ({err})"
+        except Exception as err:  # noqa: BLE001 - reported in the results
+            reason = f"syncnorm.models.resnet.build_resnet failed: {err!r}"
         else:
             kinds = {type(m) for _, m in bn_layers(model)}
             if kinds == {nn.BatchNorm2d}:
