@@ -94,6 +94,7 @@ class StatDivergenceMonitor(pl.Callback):
         self._handles: list[Any] = []
         self._captured: dict[str, Tensor] = {}
         self._active = False
+        self._step = 0
         self.last_metrics: dict[str, float] = {}
 
     @override
@@ -117,6 +118,7 @@ class StatDivergenceMonitor(pl.Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._active = trainer.global_step % self.every_n_steps == 0
+        self._step = trainer.global_step  # the step the captured statistics belong to
         self._captured = {}
 
     @override
@@ -152,7 +154,7 @@ class StatDivergenceMonitor(pl.Callback):
             if vals:
                 metrics[f"norm/max_{key}"] = max(vals)
         self.last_metrics = metrics
-        step = trainer.global_step
+        step = self._step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             _wandb_chart(logger, self._names, metrics, step)
