@@ -80,7 +80,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             w64 = weight.double() if weight is not None else torch.ones_like(r)
             scale = w64 * r
             shift = w64 * d + (bias.double() if bias is not None else 0.0)
-        out = SF.normalize(x, glob.mean, invstd, scale, shift)
+        out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
         if running_mean is not None or running_var is not None:
             SF.update_running_stats(running_mean, running_var, glob.mean, glob.unbiased_var, factor)
 

@@ -129,49 +129,79 @@ def merge_moments(parts: Sequence[Moments]) -> Moments:
     return Moments(count, mean, m2)
 
 
+OFFSET_RATIO_LIMIT = 64.0
+"""Above this ``max |mean| / std`` over channels, the fused kernels (which form ``x * a + b`` with
+``b ~ -mean * a``) lose digits to cancellation in float32; the exact composite path is used instead."""
+
+
+def _fused_ok(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
+    """Whether torch's fused per-channel kernels are accurate for this data.
+
+    Needs a host read of C values: done for CPU tensors (free); CUDA tensors always take the fused
+    path (no sync), which has the precision of torch's own BatchNorm kernels.
+    """
+    if x.dtype == torch.float64 or x.device.type != "cpu":
+        return True
+    return bool((mean.abs() * invstd).max() <= OFFSET_RATIO_LIMIT) if mean.numel() else True
+
+
 def normalize(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
+    eps: float = 0.0,
 ) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` per channel, returned in ``x.dtype``.
 
-    ``mean`` and ``invstd`` are float64 ``(C,)``. The float32 rounding of the mean is subtracted
-    first (exact for values near the mean) and its remainder folded into the shift, so data with a
-    large offset (mean 1e4, std 1e-2) normalizes to float32 precision instead of losing digits.
+    ``mean`` and ``invstd`` are float64 ``(C,)``, with ``invstd = 1 / sqrt(var + eps)``. Usually one
+    pass of torch's fused inference kernel. For data with a large offset (``|mean| / std`` above
+    :data:`OFFSET_RATIO_LIMIT`, e.g. mean 1e4 and std 1e-2) the float32 rounding of the mean is
+    subtracted first (exact near the mean) and its remainder folded into the shift, so the output
+    keeps float32 precision where the fused kernel would lose digits.
     """
     acc = stats_dtype(x.dtype)
+    if _fused_ok(x, mean, invstd):
+        var = (invstd.reciprocal().square() - eps).to(acc)
+        w = weight.to(acc) if weight is not None else None
+        b = bias.to(acc) if bias is not None else None
+        return torch.batch_norm(x, w, b, mean.to(acc), var, False, 0.0, eps, False)
     scale = invstd if weight is None else invstd * weight.double()
     mean_lo = mean.to(acc)
     shift = -(mean - mean_lo.double()) * scale
     if bias is not None:
         shift = shift + bias.double()
     nd = x.dim()
-    out = torch.addcmul(_channel_view(shift.to(acc), nd), x - _channel_view(mean_lo, nd),
-                        _channel_view(scale.to(acc), nd))
+    out = x - _channel_view(mean_lo, nd)
+    out = torch.addcmul(_channel_view(shift.to(acc), nd), out, _channel_view(scale.to(acc), nd), out=out)
     return out.to(x.dtype)
 
 
 def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Local per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in the statistics dtype.
 
-    ``sum(dy)`` is ``grad_bias``; ``sum(dy * (x - mean)) * invstd`` is ``grad_weight``.
+    ``sum(dy)`` is ``grad_bias``; ``sum(dy * (x - mean)) * invstd`` is ``grad_weight``. One fused
+    pass (torch's batch-norm backward reduction, given our mean) on CPU.
     """
     acc = stats_dtype(x.dtype)
     c = x.shape[1]
     if x.numel() == 0:
         z = torch.zeros(c, dtype=acc, device=x.device)
         return z, z.clone()
-    dims = reduce_dims(x)
-    nd = x.dim()
-    sum_dy = grad_out.sum(dims, dtype=acc)
     mean_lo = mean.to(acc)
-    xmu = x - _channel_view(mean_lo, nd)
-    sum_dy_xmu = xmu.mul_(grad_out).sum(dims, dtype=acc)
+    if x.device.type == "cpu":
+        ones = torch.ones(c, dtype=acc, device=x.device)
+        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, None, None, None, mean_lo, ones, True, 0.0, [False, True, True])
+        sum_dy, sum_dy_xmu = sum_dy.to(acc), sum_dy_xmu.to(acc)
+    else:
+        dims = reduce_dims(x)
+        sum_dy = grad_out.sum(dims, dtype=acc)
+        xmu = x - _channel_view(mean_lo, x.dim())
+        sum_dy_xmu = xmu.mul_(grad_out).sum(dims, dtype=acc)
     # (x - mean) = (x - mean_lo) + (mean_lo - mean): correct for the rounding of the mean
-    sum_dy_xmu += ((mean_lo.double() - mean) * sum_dy.double()).to(acc)
+    sum_dy_xmu = sum_dy_xmu + ((mean_lo.double() - mean) * sum_dy.double()).to(acc)
     return sum_dy, sum_dy_xmu
 
 
@@ -187,19 +217,27 @@ def backward_elemt(
 ) -> Tensor:
     """Input gradient of batch norm given the *global* sums and count.
 
-    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``, computed as
+    ``dy * a + x * k + c`` per channel (three passes, one allocation) or, for large-offset data
+    (see :func:`normalize`), around the rounded mean.
     """
     acc = stats_dtype(x.dtype)
     nd = x.dim()
     w = invstd if weight is None else invstd * weight.double()
-    k = (-w * invstd * invstd * sum_dy_xmu.double() / count).to(acc)
-    c = (-w * sum_dy.double() / count).to(acc)
+    k = -w * invstd * invstd * sum_dy_xmu.double() / count
+    c = -w * sum_dy.double() / count
+    if _fused_ok(x, mean, invstd):
+        grad = torch.mul(grad_out, _channel_view(w.to(acc), nd))
+        grad = grad.to(acc) if grad.dtype != acc else grad
+        grad.addcmul_(x, _channel_view(k.to(acc), nd))
+        grad.add_(_channel_view((c - k * mean).to(acc), nd))
+        return grad.to(x.dtype)
     mean_lo = mean.to(acc)
     t = x - _channel_view(mean_lo, nd)
     # the float32 rounding of the mean moves (x - mean) by a per-channel constant: fold it into c
-    c = c + k * (mean_lo.double() - mean).to(acc)
-    t.mul_(_channel_view(k, nd)).add_(_channel_view(c, nd))
-    return torch.addcmul(t, grad_out, _channel_view(w.to(acc), nd)).to(x.dtype)
+    c = c + k * (mean_lo.double() - mean)
+    t.mul_(_channel_view(k.to(acc), nd)).add_(_channel_view(c.to(acc), nd))
+    return t.addcmul_(grad_out, _channel_view(w.to(acc), nd)).to(x.dtype)
 
 
 @torch.no_grad()

@@ -45,3 +45,20 @@ def test_refuses_lightning_sync_batchnorm(tmp_path):
 def test_unknown_kind_is_refused_at_construction():
     with pytest.raises(ValueError, match="unknown kind 'syncbn'; expected one of"):
         NormConversion("syncbn")
+
+
+def test_callbacks_work_with_validate_and_resume(tmp_path):
+    from syncnorm.callbacks import FreezeNormStats, PreciseBN, StatDivergenceMonitor
+
+    cbs = lambda: [NormConversion("ghost", virtual_batch_size=2), FreezeNormStats(modules="head.*"),  # noqa: E731
+                   StatDivergenceMonitor(every_n_steps=1), PreciseBN(num_batches=2)]
+    model = LitNet(batch_size=4, n=16)
+    tr = trainer(tmp_path, devices=1, max_epochs=1, limit_val_batches=1, enable_checkpointing=True, callbacks=cbs())
+    tr.fit(model)
+    metrics = tr.validate(model, verbose=False)
+    assert metrics and "val_loss" in metrics[0]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    resumed = LitNet(batch_size=4, n=16)
+    tr2 = trainer(tmp_path / "r", devices=1, max_epochs=2, limit_val_batches=1, callbacks=cbs())
+    tr2.fit(resumed, ckpt_path=str(ckpt))
+    assert type(resumed.backbone[2]).__name__ == "GhostBatchNorm" and tr2.global_step == 8
