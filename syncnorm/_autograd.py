@@ -17,13 +17,14 @@ no normalized copy of the activations is kept.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from . import functional as SF
-from .distributed import SyncSpec, exchange_grad_sums, exchange_moments
+from .distributed import SyncError, SyncSpec, exchange_grad_sums, exchange_moments, report_nonfinite
 
 
 def check_global_count(count: Tensor, local_count: int, label: str, num_features: int) -> None:
@@ -46,6 +47,19 @@ def check_global_count(count: Tensor, local_count: int, label: str, num_features
             f"{label}: expected more than 1 value per channel when training, got 1 value per channel "
             f"over the whole process group (num_features={num_features})"
         )
+
+
+def _check_nonfinite(local: SF.Moments, glob: SF.Moments, spec: SyncSpec) -> None:
+    """On CPU (a free host read), report NaN/inf statistics per the layer's policy."""
+    global_bad = ~(torch.isfinite(glob.mean) & torch.isfinite(glob.m2))
+    if not bool(global_bad.any()):
+        return
+    local_bad = ~(torch.isfinite(local.mean) & torch.isfinite(local.m2))
+    message = report_nonfinite(spec, local_bad, global_bad)
+    if spec.on_nonfinite == "raise":
+        raise SyncError(message + "; HINT: set the layer's on_nonfinite='skip' to keep training")
+    warnings.warn(message + "; the running statistics of those channels were not updated "
+                  "(on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -82,7 +96,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
             shift = w64 * d + (bias.double() if bias is not None else 0.0)
         out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
         if running_mean is not None or running_var is not None:
-            SF.update_running_stats(running_mean, running_var, glob.mean, glob.unbiased_var, factor)
+            skip = spec.on_nonfinite != "propagate"
+            if skip and x.device.type == "cpu":
+                _check_nonfinite(local, glob, spec)
+            SF.update_running_stats(running_mean, running_var, glob.mean, glob.unbiased_var, factor, skip)
 
         ctx.save_for_backward(x, scale, glob.mean, invstd, glob.count, r, d)
         ctx.spec = spec

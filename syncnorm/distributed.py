@@ -57,6 +57,10 @@ class SyncSpec:
         group: the resolved process group (never ``None`` here).
         timeout_s: bound on a blocking wait for CPU tensors; ``None`` waits as long as the group does.
         verify: check the layer signature in the forward exchange (free on CPU, a host sync on CUDA).
+        on_nonfinite: what a NaN/inf in the global statistics does to the running statistics:
+            ``"skip"`` (those channels keep their running values; on CPU a warning names the layer,
+            channels and ranks), ``"raise"`` (``SyncError`` naming them), ``"propagate"`` (torch's
+            behaviour: the running statistics become NaN).
     """
 
     label: str
@@ -64,6 +68,7 @@ class SyncSpec:
     group: Any
     timeout_s: Optional[float] = DEFAULT_TIMEOUT_S
     verify: bool = True
+    on_nonfinite: str = "skip"
 
 
 def resolve_group(process_group: Optional[Any]) -> Optional[Any]:
@@ -140,6 +145,26 @@ def exchange_moments(packed: Tensor, spec: SyncSpec, x: Tensor) -> Tensor:
         if got[0] != world * sig or got[1] != world * sig * sig:
             _report_mismatch(spec, x)
     return buf[_HEADER:]
+
+
+def report_nonfinite(spec: SyncSpec, local_bad: Tensor, global_bad: Tensor) -> str:
+    """Describe which ranks fed NaN/inf into which channels (a collective; call on every rank).
+
+    ``local_bad``/``global_bad``: boolean ``(C,)`` masks of this rank's and the group's non-finite
+    channels. Only called when ``global_bad`` has a True entry, which every rank sees alike.
+    """
+    mine = local_bad.nonzero().flatten().tolist()
+    if spec.group is None:
+        per_rank = [mine]
+        ranks = [0]
+    else:
+        per_rank = [None] * group_size(spec.group)
+        dist.all_gather_object(per_rank, mine, group=spec.group)
+        ranks = dist.get_process_group_ranks(spec.group)
+    sources = "; ".join(f"rank {r}: channels {chs}" for r, chs in zip(ranks, per_rank) if chs) or "no single rank"
+    channels = global_bad.nonzero().flatten().tolist()
+    return (f"{spec.label}: non-finite batch statistics (NaN/inf) in channels {channels}, from the input of "
+            f"{sources}")
 
 
 def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:

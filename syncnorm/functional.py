@@ -247,12 +247,21 @@ def update_running_stats(
     mean: Tensor,
     unbiased_var: Tensor,
     factor: float,
+    skip_nonfinite: bool = False,
 ) -> None:
-    """In-place ``running = (1 - factor) * running + factor * batch`` for mean and variance."""
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-    if running_var is not None:
-        running_var.lerp_(unbiased_var.to(running_var.dtype), factor)
+    """In-place ``running = (1 - factor) * running + factor * batch`` for mean and variance.
+
+    With ``skip_nonfinite``, channels whose batch mean or variance is NaN/inf keep their running
+    values (selected on the device, no host sync) instead of being poisoned.
+    """
+    keep = None
+    if skip_nonfinite:
+        keep = ~(torch.isfinite(mean) & torch.isfinite(unbiased_var))
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        if running is None:
+            continue
+        new = torch.lerp(running, batch.to(running.dtype), factor)
+        running.copy_(new if keep is None else torch.where(keep, running, new))
 
 
 def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .sampling import train_sampler, val_shard
+
 __all__ = ["DigitsDataModule", "load_digits_tensors", "stratified_split"]
 
 
@@ -62,8 +64,11 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
 class DigitsDataModule(pl.LightningDataModule):
     """LightningDataModule over scikit-learn's 8x8 digits (1797 samples, 10 classes).
 
-    The split is stratified per class and fixed by ``seed``. Under DDP, Lightning replaces the
-    train loader's sampler with a ``DistributedSampler``; nothing here is rank-specific.
+    The split is stratified per class and fixed by ``seed``. The training loader shards and
+    shuffles with its own ``DistributedSampler(W, r, shuffle=True, seed=seed, drop_last=True)``
+    built from the attached Trainer (``W = 1`` without one), so the data order does not depend on
+    the world size; validation is sharded without padding (see :mod:`syncnorm.data.sampling`).
+    Run the Trainer with ``use_distributed_sampler=False``.
 
     Args:
         batch_size: samples per batch (per device). Default: 32.
@@ -71,7 +76,7 @@ class DigitsDataModule(pl.LightningDataModule):
             Default: 8.
         channels: 1 (gray) or 3 (gray repeated). Default: 1.
         val_fraction: share of each class held out for validation, in ``[0, 1)``. Default: 0.2.
-        seed: seed of the split. Default: 0.
+        seed: seed of the split and of the training order. Default: 0.
         num_workers: ``DataLoader`` workers. Default: 0.
         normalize: standardize with the training split's mean and std (one scalar each); otherwise
             values stay in ``[0, 1]``. Default: ``True``.
@@ -140,19 +145,20 @@ class DigitsDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Optional[TensorDataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("DigitsDataModule: call setup() before asking for a dataloader")
+        trainer = getattr(self, "trainer", None)
         return DataLoader(
-            dataset,
+            dataset if train else val_shard(dataset, trainer),
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=train_sampler(dataset, trainer, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, ``drop_last=True``."""
+        """This rank's shard of the seeded permutation, ``drop_last=True``."""
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """In order, every sample."""
+        """In order; this rank's samples ``r, r + W, ...`` (every sample when ``W == 1``)."""
         return self._loader(self.val_dataset, train=False)

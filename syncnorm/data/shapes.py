@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .sampling import train_sampler, val_shard
+
 __all__ = ["CLASS_NAMES", "ShapesDataset", "ShapesDataModule", "collate_detection"]
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")
@@ -167,7 +169,10 @@ class ShapesDataModule(pl.LightningDataModule):
     """LightningDataModule over :class:`ShapesDataset` (train and val drawn from separate streams).
 
     Batches are ``(images (B, 3, H, W), [ {"boxes", "labels"} ] * B)`` via :func:`collate_detection`.
-    Under DDP, Lightning replaces the train sampler with a ``DistributedSampler``.
+    The training loader shards and shuffles with its own ``DistributedSampler(W, r, shuffle=True,
+    seed=seed, drop_last=True)`` built from the attached Trainer (``W = 1`` without one); validation
+    is sharded without padding (see :mod:`syncnorm.data.sampling`). Run the Trainer with
+    ``use_distributed_sampler=False``.
 
     Args:
         batch_size: samples per batch (per device). Default: 16.
@@ -178,7 +183,7 @@ class ShapesDataModule(pl.LightningDataModule):
         num_classes: 2 or 3. Default: 2.
         min_objects: fewest objects per image. Default: 1.
         max_objects: most objects per image. Default: 4.
-        seed: dataset seed. Default: 0.
+        seed: dataset seed, also the seed of the training order. Default: 0.
         num_workers: ``DataLoader`` workers. Default: 0.
 
     Example::
@@ -214,6 +219,7 @@ class ShapesDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.num_classes = num_classes
         self.num_workers = num_workers
+        self.seed = seed
         options = dict(image_size=image_size, num_classes=num_classes, min_objects=min_objects,
                        max_objects=max_objects, seed=seed)
         # datasets are lazy, so building them here is free and validates the arguments early
@@ -221,10 +227,11 @@ class ShapesDataModule(pl.LightningDataModule):
         self.val_dataset = ShapesDataset(num_val, split="val", **options)
 
     def _loader(self, dataset: ShapesDataset, train: bool) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
         return DataLoader(
-            dataset,
+            dataset if train else val_shard(dataset, trainer),
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=train_sampler(dataset, trainer, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
@@ -232,9 +239,9 @@ class ShapesDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, ``drop_last=True``."""
+        """This rank's shard of the seeded permutation, ``drop_last=True``."""
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """In order, every sample."""
+        """In order; this rank's samples ``r, r + W, ...`` (every sample when ``W == 1``)."""
         return self._loader(self.val_dataset, train=False)

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..distributed import DEFAULT_TIMEOUT_S
+from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec
+
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
 ORIGINAL_CLASS_ATTR = "_syncnorm_original_cls"
 """Attribute in which conversions record the torch class a layer had before it was converted."""
@@ -92,10 +94,14 @@ class BatchNormBase(_BatchNorm):
     Attributes (not in ``state_dict``):
         layer_name: qualified name used in error messages; set by the conversion functions.
         sync_timeout_s: bound, in seconds, on a blocking wait in a collective (CPU/gloo).
+        on_nonfinite: ``"skip"`` (default), ``"raise"`` or ``"propagate"``: what NaN/inf batch
+            statistics do to the running statistics in the synchronized path (see
+            :class:`syncnorm.distributed.SyncSpec`).
     """
 
     layer_name: Optional[str]
     sync_timeout_s: Optional[float]
+    on_nonfinite: str
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
@@ -108,6 +114,15 @@ class BatchNormBase(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.layer_name = None
         self.sync_timeout_s = DEFAULT_TIMEOUT_S
+        self.on_nonfinite = "skip"
+
+    def _sync_spec(self, group, verify: bool) -> "SyncSpec":
+        """The exchange's view of this layer, validated."""
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"{layer_label(self)}: expected on_nonfinite in {list(NONFINITE_POLICIES)}, "
+                             f"got {self.on_nonfinite!r}")
+        return SyncSpec(layer_label(self), self.num_features, group, self.sync_timeout_s, verify,
+                        self.on_nonfinite)
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_norm_input(self, input, self.num_features)

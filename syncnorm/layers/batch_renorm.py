@@ -8,8 +8,8 @@ from torch import Tensor
 
 from .. import functional as SF
 from .._autograd import SyncBatchNormFunction
-from ..distributed import SyncSpec, group_size, resolve_group
-from ._base import BatchNormBase, layer_label
+from ..distributed import group_size, resolve_group
+from ._base import BatchNormBase
 
 
 class BatchRenorm(BatchNormBase):
@@ -81,7 +81,7 @@ class BatchRenorm(BatchNormBase):
         group = resolve_group(self.process_group)
         group = group if group_size(group) > 1 else None
         verify = input.device.type == "cpu"
-        spec = SyncSpec(layer_label(self), self.num_features, group, self.sync_timeout_s, verify)
+        spec = self._sync_spec(group, verify)
         limits = SF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, factor, spec, limits

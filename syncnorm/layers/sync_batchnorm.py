@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._autograd import SyncBatchNormFunction
-from ..distributed import SyncSpec, group_size, resolve_group
-from ._base import BatchNormBase, layer_label, transfer_norm_state
+from ..distributed import group_size, resolve_group
+from ._base import BatchNormBase, transfer_norm_state
 
 
 class SyncBatchNorm(BatchNormBase):
@@ -84,7 +84,7 @@ class SyncBatchNorm(BatchNormBase):
         # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
         # a sync on CUDA, where it is done on the first synchronized call only.
         verify = input.device.type == "cpu" or not self._verified
-        spec = SyncSpec(layer_label(self), self.num_features, group, self.sync_timeout_s, verify)
+        spec = self._sync_spec(group, verify)
         running_mean, running_var = self._buffers_for_call()
         out = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, spec

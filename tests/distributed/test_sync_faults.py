@@ -126,3 +126,45 @@ def test_under_ddp_training_equals_single_process_on_the_full_batch():
     for rank, state in enumerate(results):
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} {k}: {m}")
+
+
+def _nonfinite_worker(rank, world, policy, bad_value):
+    import warnings
+
+    layer = syncnorm.SyncBatchNorm(3, momentum=0.5)
+    layer.layer_name, layer.on_nonfinite = "stem.bn", policy
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(rank)) + 2
+    if rank == 1:
+        x[2, 1, 3] = bad_value
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _catch(lambda: setattr(layer, "_out", layer(x)))
+    res["warnings"] = [str(w.message) for w in caught]
+    res["out"] = getattr(layer, "_out", torch.empty(0)).detach()
+    res["running_mean"], res["running_var"] = layer.running_mean.clone(), layer.running_var.clone()
+    res["x"] = x
+    return res
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nan_or_inf_on_one_rank_poisons_only_its_channel_and_not_the_running_stats(bad_value):
+    res = run_distributed(_nonfinite_worker, 2, "skip", bad_value)
+    full = torch.cat([r["x"] for r in res])
+    ok = [0, 2]
+    for r in res:
+        assert r["type"] is None, r
+        assert not torch.isfinite(r["out"][:, 1]).all()  # the affected channel, on every rank
+        assert torch.isfinite(r["out"][:, ok]).all()
+        # the other channels are exactly the full-batch statistics; channel 1 kept its running values
+        mean, var = full[:, ok].mean((0, 2)), full[:, ok].var((0, 2), unbiased=True)
+        torch.testing.assert_close(r["running_mean"][ok], 0.5 * mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r["running_var"][ok], 0.5 + 0.5 * var, rtol=0, atol=1e-5)
+        assert r["running_mean"][1] == 0.0 and r["running_var"][1] == 1.0
+        assert any("SyncBatchNorm 'stem.bn': non-finite batch statistics (NaN/inf) in channels [1], "
+                   "from the input of rank 1: channels [1]" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_nonfinite_policy_raise_names_layer_and_rank_on_every_rank():
+    res = run_distributed(_nonfinite_worker, 2, "raise", float("nan"), clean_exit=False)
+    for r in res:
+        assert r["type"] == "SyncError" and "'stem.bn'" in r["msg"] and "rank 1: channels [1]" in r["msg"], r
