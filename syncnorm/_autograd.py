@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from . import functional as SF
-from .distributed import SyncError, SyncSpec, exchange_grad_sums, exchange_moments, report_nonfinite
+from .distributed import (SyncError, SyncSpec, all_reduce_traceable, exchange_grad_sums, exchange_moments,
+                          report_nonfinite)
 
 
 def check_global_count(count: Tensor, local_count: int, label: str, num_features: int) -> None:
@@ -129,3 +130,68 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 sums = exchange_grad_sums(sums, spec)
             grad_x = SF.backward_elemt(grad_out, x, mean, invstd, scale, sums[:c], sums[c:], count)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _define_snapshot():
+    """``snapshot(t)``: a copy of ``t`` that the compiler's partitioner never recomputes.
+
+    The traced path reads the running buffers (for Batch Renorm's r and d) and then updates them in
+    place in the same graph. AOTAutograd may recompute cheap values for the backward from graph
+    inputs, and would then read the *updated* buffers (a wrong weight gradient; seen with torch 2.13).
+    An opaque custom op is saved, not recomputed.
+    """
+    if not hasattr(torch.library, "custom_op"):  # torch < 2.4: no custom_op API
+        return lambda t: t.clone()
+
+    @torch.library.custom_op("syncnorm::snapshot", mutates_args=())
+    def snapshot(t: Tensor) -> Tensor:
+        return t.clone()
+
+    @snapshot.register_fake
+    def _(t: Tensor) -> Tensor:
+        return torch.empty_like(t)
+
+    return snapshot
+
+
+_snapshot = _define_snapshot()
+
+
+def sync_batch_norm_traceable(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    eps: float,
+    factor: Any,
+    spec: SyncSpec,
+    renorm: Optional[tuple[Tensor, Tensor]] = None,
+) -> Tensor:
+    """The same synchronized batch norm for ``torch.compile(fullgraph=True)``.
+
+    Differentiable tensor ops around one traceable all_reduce of the packed moments
+    (:func:`syncnorm.distributed.all_reduce_traceable`); autograd's backward of it is one
+    all_reduce of ``2C + 1`` values, the counterpart of the eager path's explicit one. No host sync
+    and no data-dependent Python branch, so the graph has no breaks and CUDA graphs can capture it.
+    The signature check, the wait timeout and the non-finite warning (host-side features) are left
+    to the eager path; non-finite channels still skip their running-stat update. ``factor`` may be
+    a tensor (``momentum=None``).
+    """
+    c = spec.num_features
+    local = SF.batch_moments_differentiable(x)
+    packed = SF.pack_moments(local)
+    glob = SF.unpack_moments(packed if spec.group is None else all_reduce_traceable(packed, spec.group), c)
+    invstd = torch.rsqrt(glob.var + eps)
+    scale, shift = weight, bias
+    if renorm is not None:
+        r, d = SF.renorm_correction(glob.mean.detach(), glob.var.detach(), _snapshot(running_mean),
+                                    _snapshot(running_var), eps, *renorm)
+        w64 = weight.double() if weight is not None else torch.ones_like(r)
+        scale = w64 * r
+        shift = w64 * d + (bias.double() if bias is not None else 0.0)
+    out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
+    if running_mean is not None or running_var is not None:
+        SF.update_running_stats(running_mean, running_var, glob.mean.detach(), glob.unbiased_var.detach(),
+                                factor, spec.on_nonfinite != "propagate")
+    return out

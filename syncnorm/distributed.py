@@ -35,6 +35,8 @@ __all__ = [
     "group_size",
     "exchange_moments",
     "exchange_grad_sums",
+    "all_reduce_traceable",
+    "report_nonfinite",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -165,6 +167,30 @@ def report_nonfinite(spec: SyncSpec, local_bad: Tensor, global_bad: Tensor) -> s
     channels = global_bad.nonzero().flatten().tolist()
     return (f"{spec.label}: non-finite batch statistics (NaN/inf) in channels {channels}, from the input of "
             f"{sources}")
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable, traceable all_reduce(SUM): functional collectives in forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group_name: str) -> Tensor:  # type: ignore[override]
+        import torch.distributed._functional_collectives as funcol
+
+        ctx.group_name = group_name
+        return funcol.all_reduce(t, "sum", group_name)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name), None
+
+
+def all_reduce_traceable(t: Tensor, group: Any) -> Tensor:
+    """Sum ``t`` over ``group`` with functional collectives: traced by ``torch.compile`` without
+    graph breaks (no host sync, no Python branch on the result), differentiable (the gradient of a
+    sum over ranks is the sum over ranks of the gradients: one all_reduce in backward)."""
+    return _AllReduceSum.apply(t, group.group_name)
 
 
 def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:

@@ -97,6 +97,24 @@ def batch_moments(x: Tensor) -> Moments:
     return Moments(count, mean, m2)
 
 
+def batch_moments_differentiable(x: Tensor) -> Moments:
+    """:func:`batch_moments` as differentiable tensor ops (for ``torch.compile``'s traced path).
+
+    Same shifted two-pass numerics; the shift is a detached float32 mean, so autograd differentiates
+    through the centred sums only. Requires a non-empty batch (the caller checks the shape).
+    """
+    c = x.shape[1]
+    acc = stats_dtype(x.dtype)
+    dims = reduce_dims(x)
+    n = x.numel() // c
+    m0 = x.detach().mean(dims, dtype=acc)
+    d = x.to(acc) - _channel_view(m0, x.dim())
+    s1 = d.sum(dims).double()
+    s2 = (d * d).sum(dims).double()
+    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
+    return Moments(count, m0.double() + s1 / n, s2 - s1 * s1 / n)
+
+
 def pack_moments(m: Moments) -> Tensor:
     """Pack moments into one float64 vector ``[count, sum, sum of squares]`` of length ``2C + 1``.
 
@@ -138,8 +156,12 @@ def _fused_ok(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
     """Whether torch's fused per-channel kernels are accurate for this data.
 
     Needs a host read of C values: done for CPU tensors (free); CUDA tensors always take the fused
-    path (no sync), which has the precision of torch's own BatchNorm kernels.
+    path (no sync), which has the precision of torch's own BatchNorm kernels. Under
+    ``torch.compile`` the exact composite path is taken (no data-dependent branch; the compiler
+    fuses it anyway).
     """
+    if torch.compiler.is_compiling():
+        return False
     if x.dtype == torch.float64 or x.device.type != "cpu":
         return True
     return bool((mean.abs() * invstd).max() <= OFFSET_RATIO_LIMIT) if mean.numel() else True
@@ -162,7 +184,9 @@ def normalize(
     keeps float32 precision where the fused kernel would lose digits.
     """
     acc = stats_dtype(x.dtype)
-    if _fused_ok(x, mean, invstd):
+    traced = torch.is_grad_enabled() and any(  # autograd differentiates this call (traced path)
+        t is not None and t.requires_grad for t in (x, mean, invstd, weight, bias))
+    if not traced and _fused_ok(x, mean, invstd):
         var = (invstd.reciprocal().square() - eps).to(acc)
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
@@ -173,6 +197,9 @@ def normalize(
     if bias is not None:
         shift = shift + bias.double()
     nd = x.dim()
+    if traced:
+        out = (x - _channel_view(mean_lo, nd)) * _channel_view(scale.to(acc), nd) + _channel_view(shift.to(acc), nd)
+        return out.to(x.dtype)
     out = x - _channel_view(mean_lo, nd)
     out = torch.addcmul(_channel_view(shift.to(acc), nd), out, _channel_view(scale.to(acc), nd), out=out)
     return out.to(x.dtype)
@@ -246,7 +273,7 @@ def update_running_stats(
     running_var: Optional[Tensor],
     mean: Tensor,
     unbiased_var: Tensor,
-    factor: float,
+    factor: float | Tensor,
     skip_nonfinite: bool = False,
 ) -> None:
     """In-place ``running = (1 - factor) * running + factor * batch`` for mean and variance.
@@ -260,7 +287,8 @@ def update_running_stats(
     for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
         if running is None:
             continue
-        new = torch.lerp(running, batch.to(running.dtype), factor)
+        weight = factor.to(running.dtype) if isinstance(factor, Tensor) else factor
+        new = torch.lerp(running, batch.to(running.dtype), weight)
         running.copy_(new if keep is None else torch.where(keep, running, new))
 
 

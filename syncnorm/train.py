@@ -78,7 +78,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if finetune.get("checkpoint"):
         load_weights(model, finetune.checkpoint, strict=bool(finetune.get("strict", True)))
     # the norm conversion runs first in setup, so the other callbacks see the converted layers
-    callbacks = [instantiate(cfg.norm)] + instantiate_callbacks(cfg.get("callbacks"))
+    show_bar = cfg.trainer.get("enable_progress_bar", True) is not False
+    callbacks = [instantiate(cfg.norm)] + instantiate_callbacks(cfg.get("callbacks"), progress_bar=show_bar)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:

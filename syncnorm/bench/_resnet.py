@@ -1,4 +1,7 @@
-"""The benchmark's network: a ResNet-18 for 32x32 inputs with a pluggable norm layer.
+"""The benchmark's networks: ResNet-18 (32x32 inputs) and ResNet-50, with BatchNorm2d norms.
+
+ResNet-50 comes from :func:`syncnorm.models.resnet.build_resnet` (small stem, configurable width).
+For ResNet-18:
 
 Uses :func:`syncnorm.models.resnet.build_resnet` when that module exists and builds plain
 ``torch.nn.BatchNorm2d`` layers through it; otherwise a compact ResNet-18 defined here (CIFAR
@@ -15,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["build_model", "bn_layers"]
+__all__ = ["MODELS", "build_model", "bn_layers"]
 
 NormBuilder = Callable[[int], nn.Module]
 
@@ -69,18 +72,39 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def build_model(name: str, num_classes: int = 10) -> tuple[nn.Module, str]:
-    """Build ``name`` (only ``"resnet18"``) with ``torch.nn.BatchNorm2d`` norms.
+MODELS = ("resnet18", "resnet50")
 
+
+def build_model(name: str, num_classes: int = 10, width: int = 64) -> tuple[nn.Module, str]:
+    """Build ``name`` (``"resnet18"`` or ``"resnet50"``) with ``torch.nn.BatchNorm2d`` norms.
+
+    ``width`` is the first stage's channel count (64: the standard layout; ResNet-50 then has 53
+    batch-norm layers with 26,560 channels). Both use the small stem (3x3 conv, no max pool).
     Returns the model and a short description of where it came from (for the results file).
 
     Raises:
         ValueError: an unknown model name.
+        ImportError, RuntimeError: ``resnet50`` when :mod:`syncnorm.models.resnet` cannot build it
+            (ResNet-18 falls back to a local definition instead).
     """
-    if name != "resnet18":
-        raise ValueError(f"syncnorm.bench: expected --model resnet18, got {name!r}")
+    if name not in MODELS:
+        raise ValueError(f"syncnorm.bench: expected --model in {list(MODELS)}, got {name!r}")
+    if name == "resnet50":
+        from syncnorm.models.resnet import build_resnet
+
+        # zero-initialised last norm of each block (Goyal et al.): the usual ResNet-50 recipe; without
+        # it this small-image, small-batch network has gradient norms ~250 whose float32 rounding
+        # (~1 % relative, in any BN implementation) makes the step-2 parity check meaningless
+        model = build_resnet(50, num_classes=num_classes, norm=nn.BatchNorm2d, stem="small", width=width,
+                             zero_init_residual=True)
+        kinds = {type(m) for _, m in bn_layers(model)}
+        if kinds != {nn.BatchNorm2d}:
+            raise RuntimeError(f"build_resnet gave norm layers {sorted(k.__name__ for k in kinds)}, not BatchNorm2d")
+        return model, f"syncnorm.models.resnet.build_resnet(50, stem='small', width={width}, zero_init_residual=True)"
     # The model package is developed alongside the benchmark: when it is missing or broken, fall
     # back to the local definition and say why in the results instead of failing the benchmark.
+    if width != 64:
+        raise ValueError(f"syncnorm.bench: --width is only for resnet50, got {width} for resnet18")
     try:
         resnet = importlib.import_module("syncnorm.models.resnet")
     except ModuleNotFoundError:

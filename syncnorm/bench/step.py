@@ -1,9 +1,13 @@
-"""Training-step time of a DDP ResNet-18 with four norm variants, on gloo (CPU).
+"""Training-step time of a DDP ResNet-18 or ResNet-50 with four norm variants, on gloo (CPU).
 
 Run with torchrun (one process per rank)::
 
-    torchrun --nproc_per_node=2 -m syncnorm.bench.step [--model resnet18] [--steps 40] \\
-        [--batch 16] [--image 32] [--quick] [--out DIR]
+    torchrun --nproc_per_node=2 -m syncnorm.bench.step [--model resnet18|resnet50] [--steps 40] \\
+        [--batch 16] [--image 32] [--width 64] [--quick] [--out DIR]
+
+ResNet-50 (``--model resnet50``) keeps the standard channel layout (width 64: 53 batch-norm layers,
+26,560 channels, so the collectives have their real sizes) with small images and batches (default
+8 images of 16x16 per rank, small stem) so that one step takes about a second on a CPU rank.
 
 Variants (see :mod:`syncnorm.bench.variants`): ``local`` BatchNorm2d, ``floor`` (BatchNorm2d plus
 syncnorm's collectives carrying zeros: the communication no synchronized BN avoids), ``syncnorm``
@@ -40,26 +44,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import report
-from ._resnet import bn_layers, build_model
+from . import common, report
+from ._resnet import MODELS, bn_layers, build_model
 from .variants import VARIANTS, build_variant, count_collectives, expected_comm
 
 GOAL_SYNC_OVER_FLOOR = 1.10
 LOSS_TOLERANCE = 1e-4
 NUM_CLASSES = 10
 NUM_BATCHES = 4  # distinct fixed batches per rank, cycled
+MODEL_DEFAULTS = {"resnet18": (16, 32), "resnet50": (8, 16)}
+"""(batch per rank, image side) per model: one ResNet-50 step stays around a second on 2 CPU ranks."""
 CHECK_STEPS = 2  # parity check: step 1 compares forwards, step 2 also the first update (backward)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m syncnorm.bench.step",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18", choices=["resnet18"], help="network (default: resnet18)")
+    p.add_argument("--model", default="resnet18", choices=list(MODELS), help="network (default: resnet18)")
+    p.add_argument("--width", type=int, default=64,
+                   help="resnet50 only: first-stage channels (default: 64, the standard 53-layer/26,560-channel layout)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 40; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default: 3; --quick: 1)")
     p.add_argument("--block", type=int, default=5, help="consecutive steps of one variant per turn (default: 5)")
-    p.add_argument("--batch", type=int, default=16, help="samples per rank (default: 16)")
-    p.add_argument("--image", type=int, default=32, help="image side in pixels (default: 32)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="samples per rank (default: resnet18 16, resnet50 8; --quick: half)")
+    p.add_argument("--image", type=int, default=None,
+                   help="image side in pixels (default: resnet18 32, resnet50 16)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
     p.add_argument("--quick", action="store_true", help="few steps, for a smoke test")
@@ -68,7 +78,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 40)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    for name in ("steps", "block", "batch", "image"):
+    batch, image = MODEL_DEFAULTS[args.model]
+    args.batch = args.batch if args.batch is not None else (max(2, batch // 2) if args.quick else batch)
+    args.image = args.image if args.image is not None else image
+    for name in ("steps", "block", "batch", "image", "width"):
         if getattr(args, name) < 1:
             p.error(f"expected --{name} >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -158,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
-    base, model_source = build_model(args.model, NUM_CLASSES)
+    base, model_source = build_model(args.model, NUM_CLASSES, args.width)
     base.train()
     data = _make_data(args, rank)
     runners = {v: _Runner(base, v, args.lr, data) for v in VARIANTS}
@@ -196,12 +209,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "torchrun --nproc_per_node={} -m syncnorm.bench.step {}".format(world, " ".join(sys.argv[1:])),
         "config": {
-            "model": args.model, "model_source": model_source, "batch": args.batch, "image": args.image,
+            "model": args.model, "model_source": model_source, "width": args.width, "batch": args.batch,
+            "image": args.image,
             "steps": args.steps, "warmup": args.warmup, "block": args.block, "lr": args.lr,
             "seed": args.seed, "quick": args.quick, "optimizer": "SGD(momentum=0.9)",
             "bn_layers": len(layers), "bn_channels": sum(m.num_features for _, m in layers),
         },
-        "machine": report.machine_info(world, dist.get_backend()),
+        "machine": common.machine_info(world, dist.get_backend()),
         "variants": variants,
         "ratios": {
             "syncnorm_over_floor": sync_floor, "goal_syncnorm_over_floor": GOAL_SYNC_OVER_FLOOR,

@@ -21,10 +21,11 @@ import contextlib
 import copy
 import datetime
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 import syncnorm
@@ -35,6 +36,7 @@ __all__ = [
     "VARIANTS",
     "FloorBatchNorm2d",
     "NaiveSyncBatchNorm",
+    "naive_allreduce_bn",
     "build_variant",
     "expected_comm",
     "count_collectives",
@@ -105,29 +107,34 @@ class NaiveSyncBatchNorm(nn.BatchNorm2d):
         group = dist.group.WORLD if dist.is_initialized() else None
         if not self.training or group is None or dist.get_world_size(group) <= 1:
             return super().forward(input)
-        c = input.shape[1]
-        dims = [0] + list(range(2, input.dim()))
-        x = input.float()
-        n = float(x.numel() // c)
-        count = torch.full((1,), n, dtype=torch.float32, device=x.device)
-        vec = torch.cat([x.mean(dims) * n, (x * x).mean(dims) * n, count])
-        with warnings.catch_warnings():  # deprecated for functional collectives; the point here
-            warnings.simplefilter("ignore", FutureWarning)
-            vec = torch.distributed.nn.functional.all_reduce(vec, group=group)
-        total = vec[-1].detach()
-        mean = vec[:c] / total
-        var = vec[c : 2 * c] / total - mean * mean
-        invstd = torch.rsqrt(var + self.eps)
-        scale = invstd if self.weight is None else self.weight * invstd
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * total / (total - 1), factor)
-        shape = [1, c] + [1] * (input.dim() - 2)
-        return (x * scale.view(shape) + shift.view(shape)).to(input.dtype)
+        return naive_allreduce_bn(input, self, group)
+
+
+def naive_allreduce_bn(input: Tensor, bn: nn.modules.batchnorm._BatchNorm, group: Any) -> Tensor:
+    """:class:`NaiveSyncBatchNorm`'s training forward over ``group`` (any size, 1 included)."""
+    c = input.shape[1]
+    dims = [0] + list(range(2, input.dim()))
+    x = input.float()
+    n = float(x.numel() // c)
+    count = torch.full((1,), n, dtype=torch.float32, device=x.device)
+    vec = torch.cat([x.mean(dims) * n, (x * x).mean(dims) * n, count])
+    with warnings.catch_warnings():  # deprecated for functional collectives; the point here
+        warnings.simplefilter("ignore", FutureWarning)
+        vec = dist_nn.all_reduce(vec, group=group)
+    total = vec[-1].detach()
+    mean = vec[:c] / total
+    var = vec[c : 2 * c] / total - mean * mean
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight * invstd
+    shift = -mean * scale if bn.bias is None else bn.bias - mean * scale
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        with torch.no_grad():
+            bn.running_mean.lerp_(mean.detach(), factor)
+            bn.running_var.lerp_(var.detach() * total / (total - 1), factor)
+    shape = [1, c] + [1] * (input.dim() - 2)
+    return (x * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
 
 def _share_state(old: nn.modules.batchnorm._BatchNorm, new: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -196,22 +203,30 @@ def expected_comm(model: nn.Module, variant: str, stats_bytes: int = 4) -> dict[
 def count_collectives() -> Iterator[list[tuple[str, int]]]:
     """Record ``(name, payload bytes)`` of every Python-level collective issued inside the block.
 
-    Wraps ``torch.distributed.all_reduce``, ``all_gather`` and ``all_gather_into_tensor`` (looked up
-    on the module at call time by syncnorm and by ``torch.distributed.nn``). DDP's gradient buckets
-    and buffer broadcasts go through its C++ reducer and are not seen: they are the same for every
-    variant.
+    Wraps ``torch.distributed.all_reduce``, ``all_gather``, ``all_gather_into_tensor``,
+    ``all_to_all`` and ``scatter`` (looked up on the module at call time by syncnorm and by
+    ``torch.distributed.nn``, whose differentiable ``all_gather`` runs its backward as ``W``
+    scatters on gloo). The payload is the input this rank passes (for ``scatter``: the tensor it
+    receives). DDP's gradient buckets and buffer broadcasts go through its C++ reducer and are not
+    seen: they are the same for every variant.
     """
     log: list[tuple[str, int]] = []
-    names = ("all_reduce", "all_gather", "all_gather_into_tensor")
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "scatter")
     originals = {name: getattr(dist, name) for name in names}
+
+    def nbytes(t: Any) -> int:
+        if isinstance(t, Tensor):
+            return t.numel() * t.element_size()
+        if isinstance(t, (list, tuple)):
+            return sum(nbytes(x) for x in t)
+        return 0
 
     def wrap(name: str, fn: Callable) -> Callable:
         def counted(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            t: Optional[Tensor] = tensor if isinstance(tensor, Tensor) else None
-            if name != "all_reduce":  # (output, input, ...): the payload is the input
-                t = args[0] if args and isinstance(args[0], Tensor) else None
-            size = t.numel() * t.element_size() if t is not None else 0
-            log.append((name, size))
+            payload: Any = tensor  # all_reduce(tensor), scatter(tensor, ...)
+            if name not in ("all_reduce", "scatter"):  # (output, input, ...): the payload is the input
+                payload = args[0] if args else None
+            log.append((name, nbytes(payload)))
             return fn(tensor, *args, **kwargs)
 
         return counted

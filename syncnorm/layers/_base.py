@@ -127,7 +127,7 @@ class BatchNormBase(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         check_norm_input(self, input, self.num_features)
 
-    def _step_factor(self) -> float:
+    def _step_factor(self) -> float | Tensor:
         """Count the batch in ``num_batches_tracked`` when training; return the average factor.
 
         Same convention as torch: ``momentum`` is the weight of the new batch, ``None`` means a
@@ -137,6 +137,8 @@ class BatchNormBase(_BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
+                if torch.compiler.is_compiling():  # a tensor: no host read inside a graph
+                    return 1.0 / self.num_batches_tracked.double()
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 

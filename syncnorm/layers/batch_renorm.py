@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from .. import functional as SF
-from .._autograd import SyncBatchNormFunction
+from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
 from ..distributed import group_size, resolve_group
 from ._base import BatchNormBase
 
@@ -80,9 +81,12 @@ class BatchRenorm(BatchNormBase):
         factor = self._step_factor()
         group = resolve_group(self.process_group)
         group = group if group_size(group) > 1 else None
-        verify = input.device.type == "cpu"
+        verify = input.device.type == "cpu" and not torch.compiler.is_compiling()
         spec = self._sync_spec(group, verify)
         limits = SF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
+        if torch.compiler.is_compiling():
+            return sync_batch_norm_traceable(input, self.weight, self.bias, self.running_mean, self.running_var,
+                                             self.eps, factor, spec, limits)
         return SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, factor, spec, limits
         )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._autograd import SyncBatchNormFunction
+from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
 from ..distributed import group_size, resolve_group
 from ._base import BatchNormBase, transfer_norm_state
 
@@ -83,9 +84,12 @@ class SyncBatchNorm(BatchNormBase):
             return self._local_batch_norm(input, factor)
         # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
         # a sync on CUDA, where it is done on the first synchronized call only.
-        verify = input.device.type == "cpu" or not self._verified
+        verify = (input.device.type == "cpu" or not self._verified) and not torch.compiler.is_compiling()
         spec = self._sync_spec(group, verify)
         running_mean, running_var = self._buffers_for_call()
+        if torch.compiler.is_compiling():
+            return sync_batch_norm_traceable(input, self.weight, self.bias, running_mean, running_var,
+                                             self.eps, factor, spec)
         out = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, spec
         )

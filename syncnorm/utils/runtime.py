@@ -27,9 +27,20 @@ def _targets(group: Optional[DictConfig]) -> list[tuple[str, DictConfig]]:
     return [(str(k), v) for k, v in group.items() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def instantiate_callbacks(group: Optional[DictConfig]) -> list[pl.Callback]:
-    """One callback per entry of the ``callbacks`` group, in the group's order."""
-    return [instantiate(node) for _, node in _targets(group)]
+def instantiate_callbacks(group: Optional[DictConfig], progress_bar: bool = True) -> list[pl.Callback]:
+    """One callback per entry of the ``callbacks`` group, in the group's order.
+
+    Args:
+        group: the ``callbacks`` node (name -> config with ``_target_``).
+        progress_bar: keep progress-bar callbacks; ``False`` (``trainer.enable_progress_bar=false``)
+            drops them, since Lightning refuses a progress bar callback when the bar is disabled.
+    """
+    callbacks = [instantiate(node) for _, node in _targets(group)]
+    if not progress_bar:
+        from pytorch_lightning.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def wandb_mode(node: DictConfig) -> str:
@@ -128,6 +139,10 @@ def shutdown_distributed(success: bool) -> None:
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain resolved dict (``hydra`` node dropped), for logging."""
-    data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    data.pop("hydra", None)
-    return data
+    out: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node: not a hyperparameter (and partly unresolvable here)
+            continue
+        value = cfg[key]
+        out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
