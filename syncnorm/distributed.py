@@ -36,6 +36,7 @@ __all__ = [
     "exchange_moments",
     "exchange_grad_sums",
     "all_reduce_traceable",
+    "new_sync_groups",
     "report_nonfinite",
 ]
 
@@ -85,6 +86,33 @@ def group_size(group: Optional[Any]) -> int:
     if group is None:
         return 1
     return dist.get_world_size(group)
+
+
+def new_sync_groups(k: int) -> Any:
+    """This rank's subgroup when statistics are synchronized over groups of ``k`` ranks.
+
+    Ranks ``[0, k)``, ``[k, 2k)``, ... form the groups (with one node of k GPUs per group under the
+    usual rank layout, the all_reduce stays inside the node). Every rank must call this, in the
+    same order relative to its other group creations: each group is created on every rank (torch's
+    ``new_subgroups``). ``k`` equal to the world size gives the WORLD group.
+
+    Trade-off: statistics over k ranks are those of a k * B batch (less noise than B, more than
+    W * B) for a collective that stays within k ranks (one node): cheaper and less sensitive to
+    slow links than a world-wide one, which matters at hundreds of ranks, while a batch of k * B is
+    usually past the point where larger batches stop helping BN (16-32 samples).
+
+    Raises:
+        ValueError: no process group, or ``k`` does not divide the world size.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("new_sync_groups: expected an initialized process group, got none")
+    world = dist.get_world_size()
+    if not isinstance(k, int) or k < 1 or world % k:
+        raise ValueError(f"new_sync_groups: expected a group size dividing the world size {world}, got {k!r}")
+    if k == world:
+        return dist.group.WORLD
+    mine, _ = dist.new_subgroups(group_size=k)
+    return mine
 
 
 def _signature(spec: SyncSpec, x: Tensor) -> int:

@@ -96,7 +96,8 @@ def _group(num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: b
 
 
 def _register_builtins() -> None:
-    from .layers import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SyncBatchNorm
+    from .layers import (BatchInstanceNorm, BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SwitchableNorm,
+                         SyncBatchNorm)
 
     register_norm("batch", _batch)
     register_norm("sync", SyncBatchNorm)
@@ -104,6 +105,8 @@ def _register_builtins() -> None:
     register_norm("renorm", BatchRenorm)
     register_norm("frozen", FrozenBatchNorm)
     register_norm("group", _group)
+    register_norm("batch_instance", BatchInstanceNorm)
+    register_norm("switchable", SwitchableNorm)
 
 
 _register_builtins()

@@ -40,7 +40,7 @@ COMMANDS = {"all": PARTS, "layer": ("layer",), "step": ("step_resnet18", "step_r
 
 QUICK_ARGS = {
     "layer": ["--quick", "--channels", "64", "256", "--spatial", "8", "16"],
-    "step_resnet18": ["--quick", "--batch", "4", "--image", "16"],
+    "step_resnet18": ["--quick", "--width", "16", "--batch", "4", "--image", "16"],
     "step_resnet50": ["--quick", "--width", "8", "--batch", "2", "--image", "8"],
     "scaling": ["--quick"],
     "memory": ["--quick", "--channels", "64", "1024", "--spatial", "8"],
@@ -166,7 +166,7 @@ def headline(part: str, res: dict[str, Any]) -> list[str]:
         lines = [f"fit {k}: alpha = {f[k]['alpha_s'] * 1e6:.1f} us, beta = {f[k]['beta_s_per_byte'] * 1e9:.4f} ns/B "
                  f"(R^2 {f[k]['r2']:.3f})" for k in ("all_reduce", "all_gather")]
         ws = res["world_sizes"]
-        for model in ("ring", "tree"):
+        for model in ("ring", "tree", "mixed"):
             p = res["projection"][model]
             for w in (8, 1024):
                 if w in ws:

@@ -79,7 +79,8 @@ def build_model(name: str, num_classes: int = 10, width: int = 64) -> tuple[nn.M
     """Build ``name`` (``"resnet18"`` or ``"resnet50"``) with ``torch.nn.BatchNorm2d`` norms.
 
     ``width`` is the first stage's channel count (64: the standard layout; ResNet-50 then has 53
-    batch-norm layers with 26,560 channels). Both use the small stem (3x3 conv, no max pool).
+    batch-norm layers with 26,560 channels, ResNet-18 20 with 4,800). Both use the small stem (3x3
+    conv, no max pool).
     Returns the model and a short description of where it came from (for the results file).
 
     Raises:
@@ -102,24 +103,25 @@ def build_model(name: str, num_classes: int = 10, width: int = 64) -> tuple[nn.M
             raise RuntimeError(f"build_resnet gave norm layers {sorted(k.__name__ for k in kinds)}, not BatchNorm2d")
         return model, f"syncnorm.models.resnet.build_resnet(50, stem='small', width={width}, zero_init_residual=True)"
     # The model package is developed alongside the benchmark: when it is missing or broken, fall
-    # back to the local definition and say why in the results instead of failing the benchmark.
-    if width != 64:
-        raise ValueError(f"syncnorm.bench: --width is only for resnet50, got {width} for resnet18")
+    # back to the local definition (width 64 only) and say why in the results instead of failing.
     try:
         resnet = importlib.import_module("syncnorm.models.resnet")
     except ModuleNotFoundError:
-        resnet = None
+        resnet, reason = None, "syncnorm.models.resnet not found"
     except Exception as err:  # noqa: BLE001 - reported in the results
-        return SmallResNet18(num_classes), f"syncnorm.bench._resnet.SmallResNet18 (import failed: {err!r})"
+        resnet, reason = None, f"import failed: {err!r}"
+    else:
+        reason = "syncnorm.models.resnet.build_resnet not found"
     if resnet is not None and hasattr(resnet, "build_resnet"):
         try:
-            model = resnet.build_resnet(18, num_classes=num_classes, norm=nn.BatchNorm2d, stem="small")
+            model = resnet.build_resnet(18, num_classes=num_classes, norm=nn.BatchNorm2d, stem="small", width=width)
         except Exception as err:  # noqa: BLE001 - reported in the results
             reason = f"syncnorm.models.resnet.build_resnet failed: {err!r}"
         else:
             kinds = {type(m) for _, m in bn_layers(model)}
             if kinds == {nn.BatchNorm2d}:
-                return model, "syncnorm.models.resnet.build_resnet(18, stem='small')"
+                return model, f"syncnorm.models.resnet.build_resnet(18, stem='small', width={width})"
             reason = f"build_resnet gave norm layers {sorted(k.__name__ for k in kinds)}, not BatchNorm2d"
-        return SmallResNet18(num_classes), f"syncnorm.bench._resnet.SmallResNet18 ({reason})"
-    return SmallResNet18(num_classes), "syncnorm.bench._resnet.SmallResNet18"
+    if width != 64:
+        raise ValueError(f"syncnorm.bench: resnet18 with width {width} needs syncnorm.models.resnet ({reason})")
+    return SmallResNet18(num_classes), f"syncnorm.bench._resnet.SmallResNet18 ({reason})"

@@ -15,6 +15,8 @@ Run with torchrun (2 ranks)::
    * ring all_gather of n bytes per rank (W n out): ``(W-1) a + (W-1)/W (W n) b``
    * tree variant (recursive halving/doubling, Rabenseifner): the same bandwidth terms with
      latency ``2 log2(W) a`` (all_reduce) and ``log2(W) a`` (all_gather).
+   * mixed: all_reduce with the tree latency, all_gather with the ring latency (NCCL's tree
+     algorithm exists for all_reduce only; its classic all_gather is a ring).
 
    At W = 2 every formula reduces to ``k a + n b`` (``k = 2`` for all_reduce, 1 for all_gather),
    so the fit gives ``a = alpha / k`` and ``b = beta`` for each collective, used for that collective
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 from . import common
 
 SCHEMES = ("syncnorm", "torch", "naive")
-MODELS = ("ring", "tree")
+MODELS = ("ring", "tree", "mixed")
 WORLD_SIZES = (2, 8, 16, 32, 64, 128, 256, 512, 1024)
 MIN_LOG2, MAX_LOG2 = 4, 20
 PASSES = 4
@@ -92,7 +94,7 @@ def t_all_reduce(w: int, n: float, a: float, b: float, model: str) -> float:
     """Seconds for an all_reduce of ``n`` bytes over ``w`` ranks (see the module docstring)."""
     if w <= 1:
         return 0.0
-    lat = 2 * (w - 1) if model == "ring" else 2 * math.ceil(math.log2(w))
+    lat = 2 * (w - 1) if model == "ring" else 2 * math.ceil(math.log2(w))  # tree, mixed: log latency
     return lat * a + 2 * (w - 1) / w * n * b
 
 
@@ -100,7 +102,7 @@ def t_all_gather(w: int, n: float, a: float, b: float, model: str) -> float:
     """Seconds for an all_gather of ``n`` bytes per rank (``w * n`` out) over ``w`` ranks."""
     if w <= 1:
         return 0.0
-    lat = (w - 1) if model == "ring" else math.ceil(math.log2(w))
+    lat = math.ceil(math.log2(w)) if model == "tree" else (w - 1)  # ring, mixed: linear latency
     return lat * a + (w - 1) / w * (w * n) * b
 
 
@@ -308,7 +310,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ws = results["world_sizes"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = {"syncnorm": "tab:blue", "torch": "tab:orange", "naive": "tab:green"}
-    for model, style in (("ring", "-"), ("tree", "--")):
+    for model, style in (("ring", "-"), ("tree", "--"), ("mixed", ":")):
         for s in SCHEMES:
             ax.plot(ws, [x * 1e3 for x in results["projection"][model][s]], style, marker="o", ms=3,
                     color=colors[s], label=f"{s} ({model})")
@@ -379,6 +381,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ring": "ring: all_reduce(n) = 2(W-1) a + 2(W-1)/W n b; all_gather(n per rank) = (W-1) a + (W-1)/W (W n) b",
         "tree": "tree (recursive halving/doubling): all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b; "
                 "all_gather(n per rank) = log2(W) a + (W-1)/W (W n) b",
+        "mixed": "mixed: all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b (tree); all_gather(n per rank) = "
+                 "(W-1) a + (W-1)/W (W n) b (ring), as NCCL offers a tree only for all_reduce",
     }
     return {
         "benchmark": "syncnorm.bench.scaling",
@@ -410,7 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fit: ordinary least squares t = alpha + beta * bytes per collective over all sizes",
             "per-link constants: at W ranks the ring formulas give all_reduce = 2(W-1) a + 2(W-1)/W n b and "
             "all_gather = (W-1) a + (W-1) n b; inverted at the measured W (at W=2 ring and tree coincide)",
-            formulas["ring"], formulas["tree"],
+            formulas["ring"], formulas["tree"], formulas["mixed"],
             "per-step cost = sum over ResNet-50's 53 BN layers of the scheme's collectives; compute, overlap "
             "and DDP's gradient buckets are not included; the latency a includes gloo's per-call software "
             "overhead on this machine (loopback), not a cluster network's",

@@ -62,7 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18", choices=list(MODELS), help="network (default: resnet18)")
     p.add_argument("--width", type=int, default=64,
-                   help="resnet50 only: first-stage channels (default: 64, the standard 53-layer/26,560-channel layout)")
+                   help="first-stage channels (default: 64, the standard layout: ResNet-50 53 BN layers with "
+                        "26,560 channels, ResNet-18 20 with 4,800)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 40; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default: 3; --quick: 1)")
     p.add_argument("--block", type=int, default=5, help="consecutive steps of one variant per turn (default: 5)")

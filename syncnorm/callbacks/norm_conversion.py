@@ -9,6 +9,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from ..convert import KINDS, convert_norms_with_summary
+from ..distributed import new_sync_groups
 
 
 class NormConversion(pl.Callback):
@@ -24,7 +25,8 @@ class NormConversion(pl.Callback):
             (see :func:`syncnorm.convert_norms`).
         **options: options of that kind. For ``auto``, ``per_device_batch`` defaults to the
             datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
-            Trainer's.
+            Trainer's. For ``sync``/``renorm``, ``sync_group_size=k`` synchronizes over groups of
+            k consecutive ranks (see :func:`syncnorm.new_sync_groups`) instead of all of them.
 
     Raises:
         ValueError: unknown kind (in ``__init__``); ``auto`` without a discoverable batch size.
@@ -56,6 +58,12 @@ class NormConversion(pl.Callback):
         if self.summary is not None:  # fit then validate/test on the same module: convert once
             return
         options = dict(self.options)
+        k = options.pop("sync_group_size", None)
+        if k is not None:
+            if self.kind not in ("sync", "renorm"):
+                raise ValueError(f"NormConversion: sync_group_size applies to kinds 'sync' and 'renorm', "
+                                 f"got kind {self.kind!r}")
+            options["process_group"] = new_sync_groups(int(k)) if trainer.world_size > 1 else None
         if self.kind == "auto":
             options.setdefault("world_size", trainer.world_size)
             if "per_device_batch" not in options:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec
+from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
+from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec, group_size, resolve_group
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
@@ -152,12 +153,42 @@ class BatchNormBase(_BatchNorm):
             return self.running_mean, self.running_var
         return None, None
 
-    def _local_batch_norm(self, x: Tensor, factor: float) -> Tensor:
-        """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages."""
+    def _local_batch_norm(self, x: Tensor, factor: float, weight: Optional[Tensor] = None,
+                          bias: Optional[Tensor] = None, affine: bool = True) -> Tensor:
+        """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages.
+
+        Uses the layer's own weight and bias unless ``affine=False`` (then ``weight``/``bias``).
+        """
         bn_training = self._uses_batch_stats()
         if bn_training:
             check_batch_size(self, x)
         running_mean, running_var = self._buffers_for_call()
+        if affine:
+            weight, bias = self.weight, self.bias
         return torch.nn.functional.batch_norm(
-            x, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps
+            x, running_mean, running_var, weight, bias, bn_training, factor, self.eps
         )
+
+    def _sync_batch_norm(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """Batch norm of ``x`` with statistics over ``self.process_group`` in training.
+
+        The shared engine of the synchronized layers (SyncBatchNorm, and the batch branch of
+        Batch-Instance Norm): plain BatchNorm without a group of size > 1 or in eval mode; the
+        explicit-backward Function in eager mode; the traceable path under ``torch.compile``.
+        Counts the step in ``num_batches_tracked``.
+        """
+        factor = self._step_factor()
+        group = resolve_group(getattr(self, "process_group", None)) if self.training else None
+        if group_size(group) <= 1:
+            return self._local_batch_norm(x, factor, weight, bias, affine=False)
+        compiling = torch.compiler.is_compiling()
+        # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
+        # a sync on CUDA, where it is done on the first synchronized call only.
+        verify = (x.device.type == "cpu" or not getattr(self, "_verified", False)) and not compiling
+        spec = self._sync_spec(group, verify)
+        running_mean, running_var = self._buffers_for_call()
+        if compiling:
+            return sync_batch_norm_traceable(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
+        out = SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
+        self._verified = True
+        return out

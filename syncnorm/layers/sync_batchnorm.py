@@ -8,8 +8,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
-from ..distributed import group_size, resolve_group
 from ._base import BatchNormBase, transfer_norm_state
 
 
@@ -74,27 +72,10 @@ class SyncBatchNorm(BatchNormBase):
                  process_group: Optional[Any] = None, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
-        self._verified = False
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = self._step_factor()
-        group = resolve_group(self.process_group) if self.training else None
-        if group_size(group) <= 1:
-            return self._local_batch_norm(input, factor)
-        # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
-        # a sync on CUDA, where it is done on the first synchronized call only.
-        verify = (input.device.type == "cpu" or not self._verified) and not torch.compiler.is_compiling()
-        spec = self._sync_spec(group, verify)
-        running_mean, running_var = self._buffers_for_call()
-        if torch.compiler.is_compiling():
-            return sync_batch_norm_traceable(input, self.weight, self.bias, running_mean, running_var,
-                                             self.eps, factor, spec)
-        out = SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, spec
-        )
-        self._verified = True
-        return out
+        return self._sync_batch_norm(input, self.weight, self.bias)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:

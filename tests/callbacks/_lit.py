@@ -83,14 +83,17 @@ def trainer(tmp_path, devices: int = 2, **kw) -> pl.Trainer:
 
 class Record(pl.Callback):
     """Writes, on every rank at the end of fit, what the tests need from inside a spawned worker:
-    the norm layers' class names and state (parameters and buffers) to ``<folder>/rank<r>.pt``."""
+    the norm layers' class names during training and the final state (parameters and buffers) to
+    ``<folder>/rank<r>.pt``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
+    def on_train_start(self, trainer, pl_module):  # after every conversion, before any revert
+        self.kinds = {n: type(m).__name__ for n, m in pl_module.named_modules() if "Norm" in type(m).__name__}
+
     def on_fit_end(self, trainer, pl_module):
-        kinds = {n: type(m).__name__ for n, m in pl_module.named_modules()
-                 if "Norm" in type(m).__name__}
+        kinds = self.kinds
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         extra = {k: v for k, v in vars(pl_module).items() if k.startswith("record_")}
         torch.save({"kinds": kinds, "state": state, "extra": extra}, f"{self.folder}/rank{trainer.global_rank}.pt")

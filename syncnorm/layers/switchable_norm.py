@@ -1,0 +1,87 @@
+"""``SwitchableNorm``: statistics mixed from instance, layer and (synchronized) batch norm."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as SF
+from ..distributed import all_reduce_traceable, group_size, resolve_group
+from ._base import BatchNormBase, check_batch_size
+
+
+class SwitchableNorm(BatchNormBase):
+    r"""Switchable Normalization (Luo et al., 2018, https://arxiv.org/abs/1806.10779).
+
+    .. math::
+        \mu = \sum_k w_k \mu_k, \quad \sigma^2 = \sum_k w'_k \sigma^2_k, \quad
+        y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta, \quad k \in \{IN, LN, BN\}
+
+    with ``w = softmax(mean_weight)`` and ``w' = softmax(var_weight)`` (learned, 3 logits each,
+    initialized equal). IN statistics are per sample and channel over the trailing dims, LN per
+    sample over (C, *), BN per channel over (N, *): in training the BN statistics are those of the
+    whole ``process_group`` (differentiable, one all_reduce in forward and one in backward), and
+    the running statistics track them as BatchNorm does (unbiased variance); in eval the BN branch
+    uses the running statistics. All variances are biased (population) in the mix.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, process_group: as in
+            :class:`SyncBatchNorm`.
+
+    Example::
+
+        >>> import torch, syncnorm
+        >>> layer = syncnorm.SwitchableNorm(8)
+        >>> layer(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group: Optional[Any] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        self.mean_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
+
+    def _batch_stats(self, x: Tensor, factor: Any) -> tuple[Tensor, Tensor]:
+        """Per-channel BN mean and biased variance: global in training, running in eval."""
+        if not self._uses_batch_stats():
+            return self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        local = SF.batch_moments_differentiable(x)
+        group = resolve_group(self.process_group)
+        if group_size(group) > 1:
+            m = SF.unpack_moments(all_reduce_traceable(SF.pack_moments(local), group), self.num_features)
+        else:
+            check_batch_size(self, x)
+            m = local
+        if self.training and self.track_running_stats:
+            SF.update_running_stats(self.running_mean, self.running_var, m.mean.detach(),
+                                    m.unbiased_var.detach(), factor, self.on_nonfinite != "propagate")
+        return m.mean.to(x.dtype), m.var.to(x.dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.dim() < 3:
+            raise ValueError(f"SwitchableNorm: expected input (N, {self.num_features}, *) with at least one "
+                             f"trailing dim for instance statistics, got shape {tuple(input.shape)}")
+        factor = self._step_factor()
+        n, c = input.shape[:2]
+        x = input
+        spatial = list(range(2, x.dim()))
+        var_in, mean_in = torch.var_mean(x, spatial, correction=0, keepdim=True)  # (N, C, 1..)
+        mean_ln = mean_in.mean(1, keepdim=True)  # (N, 1, 1..)
+        var_ln = (var_in + mean_in.square()).mean(1, keepdim=True) - mean_ln.square()
+        mean_bn, var_bn = self._batch_stats(x, factor)
+        shape = [1, c] + [1] * len(spatial)
+        mean_bn, var_bn = mean_bn.view(shape), var_bn.view(shape)
+        wm = torch.softmax(self.mean_weight, 0)
+        wv = torch.softmax(self.var_weight, 0)
+        mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+        var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
