@@ -92,9 +92,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if renorm is not None:
             assert running_mean is not None and running_var is not None, "renorm needs running stats"
             r, d = SF.renorm_correction(glob.mean, glob.var, running_mean, running_var, eps, *renorm)
-            w64 = weight.double() if weight is not None else torch.ones_like(r)
-            scale = w64 * r
-            shift = w64 * d + (bias.double() if bias is not None else 0.0)
+            scale, shift = SF.renorm_affine(weight, bias, r, d)
         out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
         if running_mean is not None or running_var is not None:
             skip = spec.on_nonfinite != "propagate"
@@ -187,9 +185,7 @@ def sync_batch_norm_traceable(
     if renorm is not None:
         r, d = SF.renorm_correction(glob.mean.detach(), glob.var.detach(), _snapshot(running_mean),
                                     _snapshot(running_var), eps, *renorm)
-        w64 = weight.double() if weight is not None else torch.ones_like(r)
-        scale = w64 * r
-        shift = w64 * d + (bias.double() if bias is not None else 0.0)
+        scale, shift = SF.renorm_affine(weight, bias, r, d)
     out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
     if running_mean is not None or running_var is not None:
         SF.update_running_stats(running_mean, running_var, glob.mean.detach(), glob.unbiased_var.detach(),

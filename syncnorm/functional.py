@@ -34,6 +34,7 @@ __all__ = [
     "update_running_stats",
     "momentum_factor",
     "renorm_correction",
+    "renorm_affine",
     "renorm_limits",
 ]
 
@@ -326,6 +327,14 @@ def renorm_correction(
         r = torch.clamp(torch.sqrt(var.double() + eps) / sigma, min=1.0 / r_max_t, max=r_max_t)
         d = torch.clamp((mean.double() - running_mean.double()) / sigma, min=-d_max_t, max=d_max_t)
     return r, d
+
+
+def renorm_affine(weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold Batch Renorm's ``r``, ``d`` into the affine transform (float64):
+    ``w * (x_hat * r + d) + b = x_hat * (w * r) + (w * d + b)``."""
+    w64 = weight.double() if weight is not None else torch.ones_like(r)
+    shift = w64 * d
+    return w64 * r, (shift + bias.double()) if bias is not None else shift
 
 
 def renorm_limits(r_max: float, d_max: float, step: Tensor, warmup_steps: int) -> tuple[Tensor, Tensor]:
