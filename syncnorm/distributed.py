@@ -37,6 +37,7 @@ __all__ = [
     "exchange_grad_sums",
     "all_reduce_traceable",
     "new_sync_groups",
+    "handshake",
     "report_nonfinite",
 ]
 
@@ -219,6 +220,12 @@ def all_reduce_traceable(t: Tensor, group: Any) -> Tensor:
     graph breaks (no host sync, no Python branch on the result), differentiable (the gradient of a
     sum over ranks is the sum over ranks of the gradients: one all_reduce in backward)."""
     return _AllReduceSum.apply(t, group.group_name)
+
+
+def handshake(spec: SyncSpec, x: Tensor) -> None:
+    """Check, with a fixed-size (2-value) all_reduce, that every rank is in the same layer with the
+    same channel count, dtype and device type; :class:`SyncError` naming each rank's view if not."""
+    exchange_moments(torch.empty(0, dtype=torch.float64, device=x.device), spec, x)
 
 
 def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:

@@ -8,6 +8,7 @@ and checkpoint-version migration are torch's own). It deliberately does *not* su
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
-from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec, group_size, resolve_group
+from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec, group_size, handshake, resolve_group
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
@@ -183,12 +184,15 @@ class BatchNormBase(_BatchNorm):
             return self._local_batch_norm(x, factor, weight, bias, affine=False)
         compiling = torch.compiler.is_compiling()
         # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
-        # a sync on CUDA, where it is done on the first synchronized call only.
-        verify = (x.device.type == "cpu" or not getattr(self, "_verified", False)) and not compiling
-        spec = self._sync_spec(group, verify)
+        # a sync on CUDA, where only the first synchronized call checks (the handshake).
+        spec = self._sync_spec(group, x.device.type == "cpu" and not compiling)
         running_mean, running_var = self._buffers_for_call()
         if compiling:
             return sync_batch_norm_traceable(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
-        out = SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
-        self._verified = True
-        return out
+        if not getattr(self, "_handshake_done", False):
+            # a fixed-size exchange of the layer signature (name, C, dtype, device type) before the
+            # first C-sized one: ranks whose models disagree on C get a clear error instead of a
+            # gloo abort on mismatched buffer sizes
+            handshake(dataclasses.replace(spec, verify=True), x)
+            self._handshake_done = True
+        return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, self.eps, factor, spec)

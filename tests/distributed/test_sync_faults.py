@@ -168,3 +168,17 @@ def test_nonfinite_policy_raise_names_layer_and_rank_on_every_rank():
     res = run_distributed(_nonfinite_worker, 2, "raise", float("nan"), clean_exit=False)
     for r in res:
         assert r["type"] == "SyncError" and "'stem.bn'" in r["msg"] and "rank 1: channels [1]" in r["msg"], r
+
+
+def _channels_worker(rank, world):
+    layer = syncnorm.SyncBatchNorm(4 if rank == 0 else 6)  # the ranks built different models
+    layer.layer_name = "neck.bn"
+    return _catch(lambda: layer(torch.randn(3, layer.num_features, 2)))
+
+
+def test_ranks_with_different_channel_counts_get_a_clear_error_not_an_abort():
+    res = run_distributed(_channels_worker, 2, clean_exit=False, timeout=60)
+    for r in res:
+        assert r["type"] == "SyncError", r
+        assert "rank 0: SyncBatchNorm 'neck.bn' (C=4, float32, cpu)" in r["msg"], r
+        assert "rank 1: SyncBatchNorm 'neck.bn' (C=6, float32, cpu)" in r["msg"], r
