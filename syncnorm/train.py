@@ -24,7 +24,7 @@ from typing import Any, Optional
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .utils import (
     instantiate_callbacks,

@@ -48,8 +48,9 @@ class _Base(pl.LightningModule):
             raise ValueError(f"{type(self).__name__}: expected scheduler in {list(SCHEDULERS)}, got {scheduler!r}")
         if not lr > 0:
             raise ValueError(f"{type(self).__name__}: expected lr > 0, got {lr!r}")
-        if not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"{type(self).__name__}: expected max_epochs to be an int >= 1, got {max_epochs!r}")
+        if scheduler == "cosine" and (not isinstance(max_epochs, int) or max_epochs < 1):
+            raise ValueError(f"{type(self).__name__}: the cosine schedule needs max_epochs as an int >= 1, got "
+                             f"{max_epochs!r} (or use scheduler='none')")
         self.net = net
         self.head = [head] if isinstance(head, str) else list(head)
         if freeze_backbone:
@@ -104,14 +105,15 @@ class ClassificationModule(_Base):
         momentum: SGD momentum. Default: 0.9.
         weight_decay: on weights of rank >= 2 only. Default: 5e-4.
         scheduler: ``"cosine"`` (per epoch, to 0 at ``max_epochs``) or ``"none"``. Default: ``"cosine"``.
-        max_epochs: length of the cosine schedule. Default: 10.
+        max_epochs: length of the cosine schedule (unused with ``scheduler="none"``). Default: 10.
         freeze_backbone: train only the ``head`` submodule(s) (fine-tuning). Default: ``False``.
         head: name(s) of the head submodule(s) of ``net``. Default: ``"fc"``.
         **arch: the architecture settings ``net`` was built from (``depth``, ``width``, ``stem``...);
             recorded with the hyperparameters (checkpoint, W&B config), not used otherwise.
 
     Raises:
-        ValueError: unknown optimizer or scheduler, non-positive ``lr``, unknown ``head``.
+        ValueError: unknown optimizer or scheduler, non-positive ``lr``, unknown ``head``, a cosine
+            schedule without a positive ``max_epochs``.
 
     Example::
 
