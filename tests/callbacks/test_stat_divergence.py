@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import pytest
 import torch
@@ -72,10 +71,9 @@ def test_wandb_offline_run_writes_metrics(tmp_path, monkeypatch):
     assert len(runs) == 1
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records; values as JSON text
     key = b"norm/backbone.0/train_eval_gap"
-    values = [float(v) for v in re.findall(re.escape(key) + rb".{1,4}?(-?[0-9][0-9.e+-]*)", record, re.DOTALL)]
-    values = list(dict.fromkeys(values))  # each value is in a history and in a summary record
-    assert len(values) == 3  # steps 0, 1, 2
-    assert values[-1] == pytest.approx(monitor.last_metrics[key.decode()], rel=1e-9)
+    assert record.count(key) >= 3  # logged at steps 0, 1 and 2 (history and summary records)
+    # the value is stored as JSON text next to its key: the last logged value is the monitor's
+    assert json.dumps(monitor.last_metrics[key.decode()]).encode() in record
     tables = sorted((runs[0] / "files" / "media" / "table" / "norm").glob("mean_div_by_layer_table_*.json"))
     assert len(tables) == 3  # the per-layer bar chart, once per logging step
     table = json.loads(tables[0].read_text())
