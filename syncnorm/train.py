@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .utils import (
+    init_distributed_after_restart,
     instantiate_callbacks,
     instantiate_loggers,
     load_weights,
@@ -88,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = cfg.get("ckpt_path")
     if resume and resume == finetune.get("checkpoint"):
         resume = None  # fine-tuning: weights only, fresh optimizer and counters
+    init_distributed_after_restart(str(cfg.trainer.get("accelerator", "cpu")))
     success = False
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)

@@ -5,6 +5,7 @@ pytorch-lightning (the ``hydra`` and ``lightning`` extras)."""
 from .config import ConfigError, validate_config
 from .resolvers import register_resolvers
 from .runtime import (
+    init_distributed_after_restart,
     instantiate_callbacks,
     instantiate_loggers,
     load_weights,
@@ -14,6 +15,7 @@ from .runtime import (
 
 __all__ = [
     "ConfigError",
+    "init_distributed_after_restart",
     "instantiate_callbacks",
     "instantiate_loggers",
     "load_weights",

@@ -195,6 +195,8 @@ def _check_finetune(cfg: DictConfig, errors: list[str]) -> None:
     checkpoint = OmegaConf.select(cfg, "finetune.checkpoint", default=None)
     resume = cfg.get("ckpt_path")
     for key, path in (("finetune.checkpoint", checkpoint), ("ckpt_path", resume)):
+        if key == "ckpt_path" and path == "last":  # this run's last.ckpt if there is one (restarts)
+            continue
         if path is not None and not os.path.isfile(str(path)):
             errors.append(f"{key}={path!r}: no such file (expected a Lightning .ckpt, e.g. "
                           "<run dir>/checkpoints/last.ckpt)")

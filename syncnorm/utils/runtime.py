@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-__all__ = ["instantiate_callbacks", "instantiate_loggers", "load_weights", "report_outputs", "shutdown_distributed"]
+__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights", "report_outputs", "shutdown_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,29 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def init_distributed_after_restart(accelerator: str) -> bool:
+    """Initialize the process group ourselves when torchrun has restarted the workers.
+
+    After ``torchrun --max-restarts`` restarts a worker group, the rendezvous store still holds the
+    previous attempt's gloo addresses and the new workers' full-mesh connect reads them (connection
+    refused; seen with torch 2.13). Here the group is created on a store prefixed with the restart
+    count, so every attempt has its own keys; Lightning then finds the group initialized and uses it.
+    Does nothing on the first attempt or outside torchrun. Returns whether it initialized the group.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or "MASTER_ADDR" not in os.environ or dist.is_initialized():
+        return False
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not agent_store), multi_tenant=not agent_store)
+    backend = "nccl" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/syncnorm/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
+    log.info("torchrun restart %d: process group re-created on a fresh store prefix", attempt)
+    return True
 
 
 def shutdown_distributed(success: bool) -> None:
