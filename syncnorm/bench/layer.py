@@ -383,6 +383,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     wall0 = time.perf_counter()
     load_before = common.loadavg()
     world = dist.get_world_size()
+    machine = common.machine_info(world, dist.get_backend())  # load average at the start
     parts: dict[str, Any] = {}
     if world >= 2:
         parts["w2"] = run_part(args, "w2", W2_VARIANTS, dist.group.WORLD, device)
@@ -398,7 +399,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "config": {"channels": args.channels, "spatial": args.spatial, "batch": args.batch, "reps": args.reps,
                    "warmup": args.warmup, "block": args.block, "device": device.type, "quick": args.quick,
                    "seed": args.seed, "dtype": "float32", "check_tolerance": TOL},
-        "machine": common.machine_info(world, dist.get_backend()),
+        "machine": machine,
         "variant_descriptions": DESCRIPTIONS,
         "parts": parts,
         "summary": [],

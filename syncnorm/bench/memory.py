@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     with one_rank_group() as group:
         world = dist.get_world_size(group)
-        backend = dist.get_backend(group)
+        machine = common.machine_info(world, dist.get_backend(group))  # load average at the start
         for c in args.channels:
             for s in args.spatial:
                 g = torch.Generator().manual_seed(c * 100 + s)
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m syncnorm.bench.memory " + " ".join(sys.argv[1:]),
         "config": {"channels": args.channels, "spatial": args.spatial, "batch": args.batch, "dtype": "float32",
                    "world_size": world},
-        "machine": common.machine_info(world, backend),
+        "machine": machine,
         "variants": list(VARIANTS),
         "rows": rows,
         "goal": f"syncnorm: no activation copy saved, new saved bytes <= local's + {SMALL_TENSORS_ALLOWED} "

@@ -65,7 +65,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m syncnorm.bench.scaling",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None,
-                   help="timed calls per size and collective (default: 60; --quick: 8)")
+                   help="timed samples per size and collective (default: 60; --quick: 8)")
+    p.add_argument("--block", type=int, default=None,
+                   help="back-to-back calls per sample (default: 8; --quick: 4)")
     p.add_argument("--max-log2", type=int, default=MAX_LOG2, help="largest size, log2 bytes (default: 20)")
     p.add_argument("--step-reps", type=int, default=None,
                    help="repetitions of each scheme's per-step collective sequence (default: 15; --quick: 2)")
@@ -74,8 +76,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.reps = args.reps if args.reps is not None else (8 if args.quick else 60)
     args.step_reps = args.step_reps if args.step_reps is not None else (2 if args.quick else 15)
-    if args.reps < 2 or args.step_reps < 1 or not MIN_LOG2 < args.max_log2 <= 26:
-        p.error("expected --reps >= 2, --step-reps >= 1 and 4 < --max-log2 <= 26")
+    args.block = args.block if args.block is not None else (4 if args.quick else 8)
+    if args.reps < 2 or args.step_reps < 1 or args.block < 1 or not MIN_LOG2 < args.max_log2 <= 26:
+        p.error("expected --reps >= 2, --step-reps >= 1, --block >= 1 and 4 < --max-log2 <= 26")
     return args
 
 
@@ -171,10 +174,13 @@ def _gather_fn(out: Tensor, inp: Tensor) -> Callable[[], Any]:
 
 
 def measure_collectives(args: argparse.Namespace) -> dict[str, Any]:
-    """Median seconds per call of all_reduce and all_gather at each size.
+    """Seconds per call of all_reduce and all_gather at each size: median over samples.
 
-    The sizes are visited in ``PASSES`` passes (each pass times a share of the calls of every size),
-    so a slow phase of a loaded machine is spread over all sizes instead of bending the fit.
+    One sample is the time of ``args.block`` back-to-back calls divided by ``args.block``: a per-call
+    cost that includes the occasional slow call (a descheduled rank), as a training step's sequence
+    of collectives does; the median over samples then drops the rare very slow sample. The sizes are
+    visited in ``PASSES`` passes (each pass takes a share of the samples of every size), so a slow
+    phase of a loaded machine is spread over all sizes instead of bending the fit.
     """
     world = dist.get_world_size()
     sizes = [2 ** k for k in range(MIN_LOG2, args.max_log2 + 1)]
@@ -194,8 +200,9 @@ def measure_collectives(args: argparse.Namespace) -> dict[str, Any]:
                 fn()
             for _ in range(share):
                 t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
+                for _ in range(args.block):
+                    fn()
+                times[key].append((time.perf_counter() - t0) / args.block)
     keys = list(fns)
     flat = common.max_over_ranks([t for key in keys for t in times[key]])
     res: dict[str, Any] = {"bytes": sizes, "all_reduce": [], "all_gather": [],
@@ -275,8 +282,9 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                      f"{f['r2']:.4f}, max relative residual {f['max_rel_residual']:.0%}; per link: a = "
                      f"{_us(link[name]['a'])} us, b = {link[name]['b'] * 1e9:.4f} ns/B"
                      + (" (NEGATIVE fit term clamped to 0: noisy measurement)" if link[name]["clamped"] else ""))
-    out.append((f"collective latency on {results['machine']['backend']}, W={results['world_size']}, "
-                f"median of {results['config']['reps']} calls", header, rows, notes))
+    cfg = results["config"]
+    out.append((f"collective time per call on {results['machine']['backend']}, W={results['world_size']}, "
+                f"median of {cfg['reps']} samples of {cfg['calls_per_sample']} back-to-back calls", header, rows, notes))
 
     chk = results["check_w2"]
     header = ["scheme", "collectives/step", "bytes/rank/step", "measured ms", "ring model ms", "model / measured"]
@@ -310,10 +318,12 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ws = results["world_sizes"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = {"syncnorm": "tab:blue", "torch": "tab:orange", "naive": "tab:green"}
+    markers = {"syncnorm": "s", "torch": "o", "naive": "^"}
     for model, style in (("ring", "-"), ("tree", "--"), ("mixed", ":")):
-        for s in SCHEMES:
-            ax.plot(ws, [x * 1e3 for x in results["projection"][model][s]], style, marker="o", ms=3,
-                    color=colors[s], label=f"{s} ({model})")
+        for s in reversed(SCHEMES):  # syncnorm last, on top (naive's cost is within 1 % of it)
+            ax.plot(ws, [x * 1e3 for x in results["projection"][model][s]], style, marker=markers[s],
+                    ms=3.5 if s == "syncnorm" else 5, mfc="none" if s != "syncnorm" else None,
+                    color=colors[s], label=f"{s} ({model})", zorder=3 if s == "syncnorm" else 2)
     chk = results["check_w2"]
     ax.scatter([results["world_size"]] * len(SCHEMES), [chk[s]["median_s"] * 1e3 for s in SCHEMES],
                marker="x", color=[colors[s] for s in SCHEMES], zorder=5, label=f"measured, W={results['world_size']}")
@@ -322,7 +332,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("world size W")
     ax.set_ylabel("BN synchronization per training step (ms)")
     fa, fg = results["fit"]["all_reduce"], results["fit"]["all_gather"]
-    ax.set_title("ResNet-50 (53 BN layers): projected sync cost\n"
+    ax.set_title("ResNet-50 (53 BN layers): projected sync cost (naive's lines lie under syncnorm's)\n"
                  f"alpha-beta fit on {results['machine']['backend']}: all_reduce alpha={fa['alpha_s'] * 1e6:.0f} us, "
                  f"all_gather alpha={fg['alpha_s'] * 1e6:.0f} us", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -362,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall0 = time.perf_counter()
     load_before = common.loadavg()
     world = dist.get_world_size()
+    machine = common.machine_info(world, dist.get_backend())  # load average at the start
     meas = measure_collectives(args)
     fits = {name: fit_line(meas["bytes"], meas[name]) for name in ("all_reduce", "all_gather")}
     # invert the W-rank formulas at the measured W: latency k(W) a, bandwidth c(W) n b
@@ -388,9 +399,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "syncnorm.bench.scaling",
         "date": common.now_iso(),
         "command": "torchrun --nproc_per_node={} -m syncnorm.bench.scaling {}".format(world, " ".join(sys.argv[1:])).strip(),
-        "config": {"reps": args.reps, "reps_above_64KiB": max(6, args.reps // 3), "passes": PASSES, "step_reps": args.step_reps,
+        "config": {"reps": args.reps, "reps_above_64KiB": max(6, args.reps // 3), "passes": PASSES,
+                   "calls_per_sample": args.block, "step_reps": args.step_reps,
                    "sizes_log2": [MIN_LOG2, args.max_log2], "dtype": "float32", "quick": args.quick},
-        "machine": common.machine_info(world, dist.get_backend()),
+        "machine": machine,
         "world_size": world,
         "measured": meas,
         "fit": fits,
@@ -409,8 +421,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "naive": "per layer: all_reduce (2C+1)*4 B (fwd statistics) + all_reduce (2C+1)*4 B (their gradient, bwd)",
         },
         "method": [
-            "per size and collective: 3 warm-up calls, then back-to-back timed calls (time.perf_counter); "
-            "per-call times max-reduced over ranks, median taken; float32 tensors of 2^4..2^max bytes per rank",
+            "per size and collective: 2 warm-up calls, then samples of `calls_per_sample` back-to-back calls "
+            "(time.perf_counter around the block, divided by the calls), max-reduced over ranks, median over "
+            "samples; sizes visited in `passes` interleaved passes; float32 tensors of 2^4..2^max bytes per rank",
             "fit: ordinary least squares t = alpha + beta * bytes per collective over all sizes",
             "per-link constants: at W ranks the ring formulas give all_reduce = 2(W-1) a + 2(W-1)/W n b and "
             "all_gather = (W-1) a + (W-1) n b; inverted at the measured W (at W=2 ring and tree coincide)",

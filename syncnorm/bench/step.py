@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     wall0 = time.perf_counter()
     load_before = os.getloadavg()[0]
+    machine = common.machine_info(world, dist.get_backend())  # load average at the start
     torch.manual_seed(args.seed)
     base, model_source = build_model(args.model, NUM_CLASSES, args.width)
     base.train()
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed, "quick": args.quick, "optimizer": "SGD(momentum=0.9)",
             "bn_layers": len(layers), "bn_channels": sum(m.num_features for _, m in layers),
         },
-        "machine": common.machine_info(world, dist.get_backend()),
+        "machine": machine,
         "variants": variants,
         "ratios": {
             "syncnorm_over_floor": sync_floor, "goal_syncnorm_over_floor": GOAL_SYNC_OVER_FLOOR,
