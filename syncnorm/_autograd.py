@@ -50,17 +50,19 @@ def check_global_count(count: Tensor, local_count: int, label: str, num_features
         )
 
 
-def _check_nonfinite(local: SF.Moments, glob: SF.Moments, spec: SyncSpec) -> None:
-    """On CPU (a free host read), report NaN/inf statistics per the layer's policy."""
+def _check_nonfinite(local: SF.Moments, glob: SF.Moments, spec: SyncSpec) -> bool:
+    """On CPU (a free host read), report NaN/inf statistics per the layer's policy; return whether
+    there are any (then the running-stat update masks those channels)."""
     global_bad = ~(torch.isfinite(glob.mean) & torch.isfinite(glob.m2))
     if not bool(global_bad.any()):
-        return
+        return False
     local_bad = ~(torch.isfinite(local.mean) & torch.isfinite(local.m2))
     message = report_nonfinite(spec, local_bad, global_bad)
     if spec.on_nonfinite == "raise":
         raise SyncError(message + "; HINT: set the layer's on_nonfinite='skip' to keep training")
     warnings.warn(message + "; the running statistics of those channels were not updated "
                   "(on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
+    return True
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -96,8 +98,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         out = SF.normalize(x, glob.mean, invstd, scale, shift, eps)
         if running_mean is not None or running_var is not None:
             skip = spec.on_nonfinite != "propagate"
-            if skip and x.device.type == "cpu":
-                _check_nonfinite(local, glob, spec)
+            if skip and x.device.type == "cpu":  # a free host check: mask only when something is bad
+                skip = _check_nonfinite(local, glob, spec)
             SF.update_running_stats(running_mean, running_var, glob.mean, glob.unbiased_var, factor, skip)
 
         ctx.save_for_backward(x, scale, glob.mean, invstd, glob.count, r, d)

@@ -72,6 +72,12 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view([1, -1] + [1] * (ndim - 2))
 
 
+CHUNK_ELEMENTS = 1 << 19
+"""Above this many elements, :func:`batch_moments` works through the batch in chunks of about this
+size with one reused buffer, instead of allocating a centred copy of the whole input (on CPU, a
+fresh multi-megabyte allocation costs page faults comparable to the arithmetic)."""
+
+
 def batch_moments(x: Tensor) -> Moments:
     """Per-channel moments of ``x`` (``(N, C, *)``), numerically stable.
 
@@ -89,9 +95,22 @@ def batch_moments(x: Tensor) -> Moments:
     dims = reduce_dims(x)
     n = x.numel() // c
     m0 = x.mean(dims, dtype=acc)
-    d = x - _channel_view(m0, x.dim())  # promotes half/bf16 to float32, no extra cast pass
-    s1 = d.sum(dims, dtype=acc).double()
-    s2 = d.square_().sum(dims, dtype=acc).double()
+    centre = _channel_view(m0, x.dim())
+    per_sample = x.numel() // x.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
+    if step >= x.shape[0]:
+        d = x - centre  # promotes half/bf16 to float32, no extra cast pass
+        s1 = d.sum(dims, dtype=acc).double()
+        s2 = d.square_().sum(dims, dtype=acc).double()
+    else:  # large input: centred sums chunk by chunk in one reused, cache-sized buffer
+        buf = torch.empty_like(x[:step], dtype=acc)
+        s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
+        s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], step):
+            chunk = x[start:start + step]
+            d = torch.sub(chunk, centre, out=buf[:chunk.shape[0]])
+            s1 += d.sum(dims, dtype=acc)
+            s2 += d.square_().sum(dims, dtype=acc)
     count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
     mean = m0.double() + s1 / n
     m2 = (s2 - s1 * s1 / n).clamp_(min=0.0)

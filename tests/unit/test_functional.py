@@ -110,3 +110,15 @@ def test_update_running_stats_and_momentum_factor():
     torch.testing.assert_close(rv, torch.full((3,), 2.0))
     assert SF.momentum_factor(0.1, torch.tensor(7)) == 0.1
     assert SF.momentum_factor(None, torch.tensor(4)) == 0.25
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_inputs_take_the_chunked_path_with_the_same_result(channels_last):
+    x = torch.randn(9, 3, 200, 200) * 2 + 1e3  # 1.08M elements: chunks of 4, 4 and 1 samples
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > SF.CHUNK_ELEMENTS
+    m = SF.batch_moments(x)
+    mean, var = _ref_moments(x)
+    torch.testing.assert_close(m.mean, mean, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(m.var, var, rtol=1e-5, atol=0)
