@@ -3,6 +3,7 @@ last checkpoint (``ckpt_path=last``) and ends exactly where an uninterrupted run
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -36,12 +37,27 @@ def _final_state(run_dir) -> dict:
     return {"global_step": ckpt["global_step"], "epoch": ckpt["epoch"], "state": ckpt["state_dict"]}
 
 
-def test_killed_rank_restarts_and_resumes_without_lost_or_repeated_steps(tmp_path):
+@pytest.fixture
+def launched():
+    """Every launched torchrun, killed with its workers at the end of the test whatever happened."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in _children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait(10)
+
+
+def test_killed_rank_restarts_and_resumes_without_lost_or_repeated_steps(tmp_path, launched):
     reference = _launch(tmp_path / "uninterrupted", restarts=0)
+    launched.append(reference)
     out_ref, _ = reference.communicate(timeout=400)
     assert reference.returncode == 0, out_ref[-4000:]
 
     faulty = _launch(tmp_path / "faulty", restarts=1)
+    launched.append(faulty)
     ckpt = tmp_path / "faulty" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not ckpt.exists() and faulty.poll() is None and time.monotonic() < deadline:
@@ -50,8 +66,6 @@ def test_killed_rank_restarts_and_resumes_without_lost_or_repeated_steps(tmp_pat
     assert faulty.poll() is None, "the run finished before a rank could be killed (make epochs longer)"
     workers = _children(faulty.pid)
     assert len(workers) == 2, workers
-    import os
-
     os.kill(workers[1], signal.SIGKILL)
     out, _ = faulty.communicate(timeout=400)
     assert faulty.returncode == 0, out[-4000:]
