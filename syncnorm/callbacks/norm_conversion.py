@@ -45,7 +45,11 @@ class NormConversion(pl.Callback):
         if not isinstance(kind, str) or kind.lower() not in KINDS:
             raise ValueError(f"NormConversion: unknown kind {kind!r}; expected one of {list(KINDS)}")
         self.kind = kind.lower()
-        self.options = options
+        self.sync_group_size = options.pop("sync_group_size", None)
+        if self.sync_group_size is not None and self.kind not in ("sync", "renorm"):
+            raise ValueError(f"NormConversion: sync_group_size applies to kinds 'sync' and 'renorm', "
+                             f"got kind {self.kind!r}")
+        self.options = options  # exactly convert_norms' options
         self.summary: Optional[str] = None
 
     @override
@@ -58,12 +62,8 @@ class NormConversion(pl.Callback):
         if self.summary is not None:  # fit then validate/test on the same module: convert once
             return
         options = dict(self.options)
-        k = options.pop("sync_group_size", None)
-        if k is not None:
-            if self.kind not in ("sync", "renorm"):
-                raise ValueError(f"NormConversion: sync_group_size applies to kinds 'sync' and 'renorm', "
-                                 f"got kind {self.kind!r}")
-            options["process_group"] = new_sync_groups(int(k)) if trainer.world_size > 1 else None
+        if self.sync_group_size is not None and trainer.world_size > 1:
+            options["process_group"] = new_sync_groups(int(self.sync_group_size))
         if self.kind == "auto":
             options.setdefault("world_size", trainer.world_size)
             if "per_device_batch" not in options:

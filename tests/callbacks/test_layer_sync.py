@@ -61,4 +61,4 @@ def test_sync_group_size_option_of_norm_conversion(tmp_path):
     for rec in load_records(tmp_path):
         assert set(rec["kinds"].values()) == {"SyncBatchNorm"}
     with pytest.raises(ValueError, match="sync_group_size applies to kinds 'sync' and 'renorm'"):
-        NormConversion("group", sync_group_size=2).setup(trainer(tmp_path, devices=1), LitNet(), "fit")
+        NormConversion("group", sync_group_size=2)
