@@ -152,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append([name, f"{m['procs']} x {batch}", f"{m['acc_mean']:.4f} +- {m['acc_std']:.4f}",
                      f"{m['wall_s_mean']:.0f}"])
     notes = [f"{len(seeds)} seed(s), {epochs} epoch(s) per run; total wall time {results['wall_s']:.0f} s",
-             "SyncBN (2x2) and BN batch 4 (1 proc) see the same batches in the same order: their curves must coincide"]
+             "SyncBN (2x2) and BN batch 4 (1 proc) see the same batches in the same order: their curves coincide "
+             "up to floating-point differences (different kernels) that a thousand steps amplify"]
     print_table("small-batch study (digits, ResNet-18)", header, rows, notes)
     md = "\n".join(["# Small-batch study", "", *machine_lines(results["machine"]), "",
                     markdown_table(header, rows), "", *notes, "", "![accuracy](accuracy.png)"]) + "\n"
