@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .factory import create_norm_layer
 from .layers import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SyncBatchNorm
-from .layers._base import ORIGINAL_CLASS_ATTR, record_origin, transfer_norm_state
+from .layers._base import ORIGINAL_CLASS_ATTR, record_origin, replace_modules, transfer_norm_state
 
 log = logging.getLogger(__name__)
 
@@ -237,19 +237,16 @@ def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> 
 
 
 def _convert(m: nn.Module, kind: str, options: dict, prefix: str, changes: Counter) -> nn.Module:
-    if _is_family(m):
-        new = _build(m, kind, options)
-        if new is m:
-            return m
-        _move_state(m, new)
-        new.layer_name = prefix or getattr(m, "layer_name", None)
-        changes[(type(m).__name__, type(new).__name__)] += 1
+    def make(old: nn.Module, name: str) -> nn.Module:
+        new = _build(old, kind, options)
+        if new is old:
+            return old
+        _move_state(old, new)
+        new.layer_name = name or getattr(old, "layer_name", None)
+        changes[(type(old).__name__, type(new).__name__)] += 1
         return new
-    for name, child in m.named_children():
-        new_child = _convert(child, kind, options, f"{prefix}.{name}" if prefix else name, changes)
-        if new_child is not child:
-            m.add_module(name, new_child)
-    return m
+
+    return replace_modules(m, _is_family, make, prefix)
 
 
 def revert_norms(module: nn.Module, dim: Optional[int] = None) -> nn.Module:

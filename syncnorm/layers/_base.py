@@ -9,7 +9,7 @@ and checkpoint-version migration are torch's own). It deliberately does *not* su
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,22 @@ def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     dst.train(src.training)
     record_origin(src, dst)
     return dst
+
+
+def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
+                    make: Callable[[nn.Module, str], nn.Module], prefix: str = "") -> nn.Module:
+    """Replace, recursively, every submodule ``m`` with ``match(m)`` by ``make(m, qualified_name)``.
+
+    Matching modules are not descended into. Returns the root (``make``'s result when the root
+    itself matches); replacements happen in place in their parents.
+    """
+    if match(module):
+        return make(module, prefix)
+    for name, child in module.named_children():
+        new_child = replace_modules(child, match, make, f"{prefix}.{name}" if prefix else name)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
 
 
 def record_origin(src: nn.Module, dst: nn.Module) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._base import BatchNormBase, transfer_norm_state
+from ._base import BatchNormBase, replace_modules, transfer_norm_state
 
 
 class SyncBatchNorm(BatchNormBase):
@@ -101,14 +100,10 @@ class SyncBatchNorm(BatchNormBase):
 
 
 def _convert(module: nn.Module, cls: type, process_group: Optional[Any], prefix: str) -> nn.Module:
-    if isinstance(module, _BatchNorm):
-        new = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats, process_group=process_group)
-        transfer_norm_state(module, new)
-        new.layer_name = prefix or getattr(module, "layer_name", None)
+    def make(m: nn.Module, name: str) -> nn.Module:
+        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group=process_group)
+        transfer_norm_state(m, new)
+        new.layer_name = name or getattr(m, "layer_name", None)
         return new
-    for name, child in module.named_children():
-        new_child = _convert(child, cls, process_group, f"{prefix}.{name}" if prefix else name)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+
+    return replace_modules(module, lambda m: isinstance(m, _BatchNorm), make, prefix)
