@@ -2,6 +2,7 @@
 
 from .convert import choose_auto_kind, convert_norms, revert_norms
 from .distributed import SyncError
+from .engine import check_sync_errors
 from .factory import create_norm_layer, get_norm_layer, norm_kinds, register_norm
 from .distributed import new_sync_groups
 from .layers import (BatchInstanceNorm, BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SwitchableNorm,
@@ -17,6 +18,7 @@ __all__ = [
     "SwitchableNorm",
     "SyncBatchNorm",
     "SyncError",
+    "check_sync_errors",
     "choose_auto_kind",
     "convert_norms",
     "create_norm_layer",

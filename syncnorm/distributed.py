@@ -1,28 +1,28 @@
 """Statistics exchange: the only module of syncnorm that talks to ``torch.distributed``.
 
-Two collectives per synchronized layer and training step, both ``all_reduce(SUM)`` over an
-explicit process group, with payloads of O(C) whatever the world size:
+The synchronized engine (:mod:`syncnorm.engine`) issues, per layer and training step, one
+``all_reduce(SUM)`` in forward and one in backward over an explicit process group, with payloads of
+O(C) whatever the world size. Every forward payload starts with a fixed *head*
+(:func:`signature_head`): the constant 1, four 8-bit chunks ``a`` of the layer's signature with
+their squares ``a**2``, and the counts ``n`` and ``n - 1/W``. After the sum, the
+entries hold ``W``, ``sum a``, ``sum a**2`` and the global ``N`` and ``N - 1``; since
+``sum (a_r - a)**2 = sum a_r**2 - 2 a sum a_r + W a**2`` is zero only if every rank sent this
+rank's ``a``, each rank can tell, with exact integer arithmetic, whether all ranks are in the same
+layer (:func:`head_mismatch`). On CPU the check reads the head at once (free); on other devices the
+heads are summed on the device across calls and checked when the host reads anyway.
 
-* forward: ``[sig, sig**2, count, sum(x), sum(x**2)]`` in float64 (``2C + 3`` values), see
-  :func:`exchange_moments`. The two ``sig`` entries carry a small signature of the layer (name,
-  channels, dtype, device type): every rank checks that the reduced values equal ``W * sig`` and
-  ``W * sig**2``, which holds only if all ranks sent the same signature. A rank that skipped a layer
-  and entered another, or a rank with a different dtype, is reported by name instead of silently
-  mixing statistics of different layers.
-* backward: ``[sum(dy), sum(dy * (x - mean))]`` (``2C`` values), see :func:`exchange_grad_sums`.
-
-Blocking waits on CPU tensors are bounded by a timeout (``timeout_s``), so a rank that never arrives
-(crashed, stuck, or skipped the layer and left the loop) makes the others fail with a message that
-names the layer, instead of hanging for the process group's default 30 minutes. On CUDA the wait is
-left to the stream and to the process group's own timeout (a host-side wait would be a sync).
+Blocking waits on CPU tensors are bounded by a timeout (``timeout_s``), so a rank that never
+arrives (crashed, stuck, or skipped the layer and left the loop) makes the others fail with a
+message that names the layer, instead of hanging for the process group's default 30 minutes. On
+other devices the collective is only enqueued (a host-side wait would be a sync); its bound is the
+process group's own timeout.
 """
 
 from __future__ import annotations
 
 import datetime
-import zlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,20 +31,30 @@ from torch import Tensor
 __all__ = [
     "SyncError",
     "SyncSpec",
+    "DEFAULT_TIMEOUT_S",
+    "HEAD_SIZE",
+    "SIG_SIZE",
     "resolve_group",
     "group_size",
-    "exchange_moments",
-    "exchange_grad_sums",
-    "all_reduce_traceable",
     "new_sync_groups",
-    "handshake",
+    "layer_signature",
+    "signature_head",
+    "head_mismatch",
+    "all_reduce_checked",
+    "all_reduce_traceable",
+    "all_reduce_differentiable",
+    "report_mismatch",
     "report_nonfinite",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
 """Default bound, in seconds, on a blocking wait in a synchronized layer (gloo/CPU)."""
 
-_HEADER = 2  # sig, sig**2
+_CHUNKS = 4  # 8-bit chunks of the 32-bit signature
+SIG_SIZE = 1 + 2 * _CHUNKS
+"""Head entries that carry the signature: ``[1, a_1, a_1**2, ..., a_4, a_4**2]``."""
+HEAD_SIZE = SIG_SIZE + 2
+"""Entries before the statistics: the signature part and ``[n, n - 1/W]`` (they sum to ``N, N - 1``)."""
 
 
 class SyncError(RuntimeError):
@@ -57,21 +67,21 @@ class SyncSpec:
 
     Args:
         label: how messages name the layer, e.g. ``SyncBatchNorm 'layer1.0.bn1'``.
+        identity: the layer's identity, the same on every rank (qualified name, or where it was
+            built); part of the signature and of mismatch reports.
         num_features: channel count C.
-        group: the resolved process group (never ``None`` here).
+        group: the resolved process group, or ``None`` (one process: nothing is exchanged).
         timeout_s: bound on a blocking wait for CPU tensors; ``None`` waits as long as the group does.
-        verify: check the layer signature in the forward exchange (free on CPU, a host sync on CUDA).
-        on_nonfinite: what a NaN/inf in the global statistics does to the running statistics:
-            ``"skip"`` (those channels keep their running values; on CPU a warning names the layer,
-            channels and ranks), ``"raise"`` (``SyncError`` naming them), ``"propagate"`` (torch's
-            behaviour: the running statistics become NaN).
+        on_nonfinite: what NaN/inf global statistics do: ``"skip"`` (those channels keep their running
+            values; on CPU a warning names the layer, channels and ranks), ``"raise"``
+            (``SyncError``), ``"propagate"`` (torch's behaviour: the running statistics become NaN).
     """
 
     label: str
+    identity: str
     num_features: int
     group: Any
     timeout_s: Optional[float] = DEFAULT_TIMEOUT_S
-    verify: bool = True
     on_nonfinite: str = "skip"
 
 
@@ -116,16 +126,52 @@ def new_sync_groups(k: int) -> Any:
     return mine
 
 
-def _signature(spec: SyncSpec, x: Tensor) -> int:
-    text = f"{spec.label}|{spec.num_features}|{x.dtype}|{x.device.type}"
-    return zlib.crc32(text.encode()) & 0xFFFFF  # 20 bits: sums of squares stay exact in float64
+def layer_signature(spec: SyncSpec, dtype: torch.dtype, device_type: str) -> int:
+    """32-bit signature of what a rank runs: layer identity and class, C, dtype, device type.
+
+    FNV-1a over the text, in plain Python (``torch.compile`` traces it; it runs once per layer)."""
+    text = f"{spec.identity}|{spec.label.split(' ')[0]}|{spec.num_features}|{dtype}|{device_type}"
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
 
 
-def _describe(spec: SyncSpec, x: Tensor) -> str:
-    return f"{spec.label} (C={spec.num_features}, {str(x.dtype).replace('torch.', '')}, {x.device.type})"
+def signature_head(signature: int, n: int, world: int) -> list[float]:
+    """The payload head ``[1, a_1, a_1**2, ..., a_4, a_4**2, n, n - 1/W]`` (see the module
+    docstring). Summed over the ``W`` ranks: exact in float64 for the signature entries, ``N`` and
+    ``N - 1`` (to a rounding of ``1e-16 N`` when W is not a power of two)."""
+    head = [1.0]
+    for k in range(_CHUNKS):
+        a = float((signature >> (8 * k)) & 0xFF)
+        head += [a, a * a]
+    return head + [float(n), n - 1.0 / world]
 
 
-def _all_reduce(buf: Tensor, spec: SyncSpec, what: str) -> None:
+def head_mismatch(summed: Sequence[float], signature: int) -> bool:
+    """Whether the summed signature entries (``SIG_SIZE`` values, possibly accumulated over many
+    calls) show a rank with another signature than ``signature``: exact integer arithmetic."""
+    total = [int(v) for v in summed[:SIG_SIZE]]
+    calls = total[0]  # sum of the constant 1 over ranks (and calls)
+    for k in range(_CHUNKS):
+        a = (signature >> (8 * k)) & 0xFF
+        if total[2 + 2 * k] - 2 * a * total[1 + 2 * k] + a * a * calls != 0:
+            return True
+    return False
+
+
+def _describe(spec: SyncSpec, dtype: torch.dtype, device_type: str) -> str:
+    """``SyncBatchNorm 'layer1.0.bn1' (C=64, float32, cpu)``; an unnamed layer shows its identity."""
+    ident = "" if spec.identity in spec.label else f" [{spec.identity}]"
+    return f"{spec.label}{ident} (C={spec.num_features}, {str(dtype).replace('torch.', '')}, {device_type})"
+
+
+def all_reduce_checked(buf: Tensor, spec: SyncSpec, what: str) -> None:
+    """``all_reduce(SUM)`` of ``buf`` in place over ``spec.group``.
+
+    CPU tensors: waited for at most ``spec.timeout_s``; a failure or timeout raises
+    :class:`SyncError` naming the layer. Other devices: enqueued, no host-side wait.
+    """
     try:
         if buf.device.type == "cpu" and spec.timeout_s is not None:
             work = dist.all_reduce(buf, group=spec.group, async_op=True)
@@ -140,42 +186,28 @@ def _all_reduce(buf: Tensor, spec: SyncSpec, what: str) -> None:
         raise SyncError(
             f"{spec.label}: {what} all_reduce on rank {rank} did not complete: {cause} ({err}). "
             "Every rank of the process group must run this layer in training mode, in the same order; "
-            "a rank that skipped it (data-dependent branch), crashed, or has a different model "
-            "leaves the others waiting. HINT: raise the layer's sync_timeout_s if a rank is just slow."
+            "a rank that skipped it (data-dependent branch), crashed, lost its network link, or has a "
+            "different model leaves the others waiting. HINT: raise the layer's sync_timeout_s if a rank "
+            "is just slow."
         ) from err
 
 
-def _report_mismatch(spec: SyncSpec, x: Tensor) -> None:
+def report_mismatch(spec: SyncSpec, dtype: torch.dtype, device_type: str) -> SyncError:
+    """The error for ranks in different layers, naming what each rank runs (a collective: call on
+    every rank; every rank detects a mismatch together)."""
+    mine = _describe(spec, dtype, device_type)
     gathered: list[Any] = [None] * group_size(spec.group)
     try:
-        dist.all_gather_object(gathered, _describe(spec, x), group=spec.group)
+        dist.all_gather_object(gathered, mine, group=spec.group)
         ranks = dist.get_process_group_ranks(spec.group)
         detail = "; ".join(f"rank {r}: {d}" for r, d in zip(ranks, gathered))
     except RuntimeError as err:  # the error path must not hang or hide the real problem
-        detail = f"(could not gather the per-rank details: {err}); this rank: {_describe(spec, x)}"
-    raise SyncError(
+        detail = f"(could not gather the per-rank details: {err}); this rank: {mine}"
+    return SyncError(
         f"{spec.label}: ranks disagree on the synchronized layer they are in: {detail}. "
         "All ranks must call the same synchronized norm layers in the same order with the same "
         "channel count, dtype and device type (did a rank skip a layer in a data-dependent branch?)."
     )
-
-
-def exchange_moments(packed: Tensor, spec: SyncSpec, x: Tensor) -> Tensor:
-    """Sum packed per-rank moments ``[count, s1, s2]`` (float64, ``2C + 1``) over ``spec.group``.
-
-    Returns the summed vector without the signature header. Raises :class:`SyncError` when the ranks
-    are in different layers (signature mismatch) or the collective fails or times out.
-    """
-    sig = float(_signature(spec, x))
-    header = torch.tensor([sig, sig * sig], dtype=torch.float64, device=packed.device)
-    buf = torch.cat([header, packed])
-    _all_reduce(buf, spec, "forward statistics")
-    if spec.verify:
-        world = float(group_size(spec.group))
-        got = buf[:_HEADER].tolist()
-        if got[0] != world * sig or got[1] != world * sig * sig:
-            _report_mismatch(spec, x)
-    return buf[_HEADER:]
 
 
 def report_nonfinite(spec: SyncSpec, local_bad: Tensor, global_bad: Tensor) -> str:
@@ -186,8 +218,7 @@ def report_nonfinite(spec: SyncSpec, local_bad: Tensor, global_bad: Tensor) -> s
     """
     mine = local_bad.nonzero().flatten().tolist()
     if spec.group is None:
-        per_rank = [mine]
-        ranks = [0]
+        per_rank, ranks = [mine], [0]
     else:
         per_rank = [None] * group_size(spec.group)
         dist.all_gather_object(per_rank, mine, group=spec.group)
@@ -206,13 +237,15 @@ class _AllReduceSum(torch.autograd.Function):
         import torch.distributed._functional_collectives as funcol
 
         ctx.group_name = group_name
-        return funcol.all_reduce(t, "sum", group_name)
+        # wait explicitly: every later use (a detached slice read by a device-side assert, say)
+        # must see the reduced values, never the buffer before the collective completed
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group_name))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name), None
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name)), None
 
 
 def all_reduce_traceable(t: Tensor, group: Any) -> Tensor:
@@ -222,14 +255,27 @@ def all_reduce_traceable(t: Tensor, group: Any) -> Tensor:
     return _AllReduceSum.apply(t, group.group_name)
 
 
-def handshake(spec: SyncSpec, x: Tensor) -> None:
-    """Check, with a fixed-size (2-value) all_reduce, that every rank is in the same layer with the
-    same channel count, dtype and device type; :class:`SyncError` naming each rank's view if not."""
-    exchange_moments(torch.empty(0, dtype=torch.float64, device=x.device), spec, x)
+class _CheckedAllReduceSum(torch.autograd.Function):
+    """Differentiable all_reduce(SUM) for eager mode, with :func:`all_reduce_checked`'s bounded
+    waits and messages in forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, spec: SyncSpec) -> Tensor:  # type: ignore[override]
+        ctx.spec = spec
+        out = t.clone()
+        all_reduce_checked(out, spec, "forward statistics")
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        out = grad.contiguous().clone()
+        all_reduce_checked(out, ctx.spec, "backward statistics-gradient")
+        return out, None
 
 
-def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:
-    """Sum the backward per-channel sums ``[sum(dy), sum(dy * (x - mean))]`` over ``spec.group``."""
-    buf = sums.contiguous()
-    _all_reduce(buf, spec, "backward gradient-sum")
-    return buf
+def all_reduce_differentiable(t: Tensor, spec: SyncSpec) -> Tensor:
+    """Sum ``t`` over ``spec.group``, differentiably: the traceable collective under
+    ``torch.compile``, the checked (bounded, named) one in eager mode."""
+    if torch.compiler.is_compiling():
+        return all_reduce_traceable(t, spec.group)
+    return _CheckedAllReduceSum.apply(t, spec)

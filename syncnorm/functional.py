@@ -1,21 +1,28 @@
-"""Pure math of batch normalization: moments, their count-weighted merge, normalize, backward.
+"""Pure math of batch normalization: local moments, the shifted cross-rank merge, normalize, backward.
 
-Nothing here communicates or imports ``torch.distributed``: the synchronized layers call these
-functions on each rank and move only the small per-channel results through
+Nothing here communicates or imports ``torch.distributed``: :mod:`syncnorm.engine` calls these
+functions on each rank and moves only small per-channel vectors through
 :mod:`syncnorm.distributed`.
 
 Conventions, for input ``x`` of shape ``(N, C, *)``:
 
-* ``count`` is the number of values per channel (``N * prod(*)``), the same for every channel.
-* Moments are ``(mean, m2)`` with ``m2 = sum((x - mean)**2)``; variance is ``m2 / count``
-  (biased, used to normalize) or ``m2 / (count - 1)`` (unbiased, stored in ``running_var``).
-* Statistics are computed in float32 (float64 for float64 input) whatever the input dtype, and are
-  returned in float64 so that per-rank moments can be merged without losing digits.
+* ``n`` is the number of values per channel on this rank (``N * prod(*)``), a Python int.
+* Variances are biased (population, ``m2 / n``) where they normalize and unbiased
+  (``m2 / (n - 1)``) where they enter ``running_var``, as in torch.
+* Statistics are computed in float32 (float64 for float64 input) whatever the input dtype.
+
+The cross-rank merge (:func:`fill_payload`, :func:`merge_payload`) sums, over ranks, moments taken
+about a *shift* ``k`` that every rank holds identically (the previous step's global mean):
+``n * d`` and ``n * (var + d**2)`` with ``d = mean - k``. The global mean is ``k + sum(n d) / N``
+and ``m2 = sum(n (var + d**2)) - N * (mean - k)**2``: the subtraction loses only
+``~1e-16 * ((mean - k) / std)**2`` of the variance (relative), which is nothing when ``k`` is near
+the mean. Raw sums (``k = 0``) would lose ``1e-16 * (mean / std)**2``: all of it for float64 data
+with mean 1e8 and std 1.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -25,14 +32,14 @@ __all__ = [
     "reduce_dims",
     "stats_dtype",
     "batch_moments",
-    "pack_moments",
-    "unpack_moments",
-    "merge_moments",
+    "batch_moments_differentiable",
+    "local_stats_cpu",
+    "fill_payload",
+    "merge_payload",
+    "offset_ratios",
     "normalize",
     "backward_reduce",
     "backward_elemt",
-    "update_running_stats",
-    "momentum_factor",
     "renorm_correction",
     "renorm_affine",
     "renorm_limits",
@@ -50,11 +57,6 @@ class Moments(NamedTuple):
     def var(self) -> Tensor:
         """Biased (population) variance, ``m2 / count``."""
         return self.m2 / self.count
-
-    @property
-    def unbiased_var(self) -> Tensor:
-        """Unbiased variance, ``m2 / (count - 1)``, the estimator ``running_var`` tracks."""
-        return self.m2 / (self.count - 1)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -79,51 +81,57 @@ fresh multi-megabyte allocation costs page faults comparable to the arithmetic).
 
 
 def batch_moments(x: Tensor) -> Moments:
-    """Per-channel moments of ``x`` (``(N, C, *)``), numerically stable.
+    """Per-channel moments of ``x`` (``(N, C, *)``), exact to float64 rounding.
 
     Two passes: a float32 mean ``m0``, then the sums of ``d = x - m0`` and ``d**2``. Because
     ``d`` is centred, the sum of squares has no catastrophic cancellation, and the rounding of
     ``m0`` is corrected exactly by ``sum(d)`` (the result is as if the mean were known in float64).
-    An empty batch gives ``count == 0`` and zero sums, so an empty rank still contributes the
-    identity element to a merge.
+    An empty batch gives ``count == 0`` and zero sums.
     """
     c = x.shape[1]
-    acc = stats_dtype(x.dtype)
     if x.numel() == 0:
         zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
         return Moments(torch.zeros((), dtype=torch.float64, device=x.device), zeros, zeros.clone())
-    dims = reduce_dims(x)
     n = x.numel() // c
-    m0 = x.mean(dims, dtype=acc)
+    m0, q, var = _moments_split(x)
+    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
+    return Moments(count, m0 + q, var * n)
+
+
+def _centred_sums(x: Tensor, m0: Tensor, dims: list[int], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``sum(x - m0)`` and ``sum((x - m0)**2)`` per channel (float64), in cache-sized chunks for
+    large inputs (one reused buffer instead of a centred copy of the whole input)."""
+    c = x.shape[1]
     centre = _channel_view(m0, x.dim())
     per_sample = x.numel() // x.shape[0]
     step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
     if step >= x.shape[0]:
         d = x - centre  # promotes half/bf16 to float32, no extra cast pass
-        s1 = d.sum(dims, dtype=acc).double()
-        s2 = d.square_().sum(dims, dtype=acc).double()
-    else:  # large input: centred sums chunk by chunk in one reused, cache-sized buffer
-        buf = torch.empty_like(x[:step], dtype=acc)
-        s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
-        s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
-        for start in range(0, x.shape[0], step):
-            chunk = x[start:start + step]
-            d = torch.sub(chunk, centre, out=buf[:chunk.shape[0]])
-            s1 += d.sum(dims, dtype=acc)
-            s2 += d.square_().sum(dims, dtype=acc)
-    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
-    mean = m0.double() + s1 / n
-    m2 = (s2 - s1 * s1 / n).clamp_(min=0.0)
-    return Moments(count, mean, m2)
+        return d.sum(dims, dtype=acc).double(), d.square_().sum(dims, dtype=acc).double()
+    buf = torch.empty_like(x[:step], dtype=acc)
+    s1 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros(c, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], step):
+        chunk = x[start:start + step]
+        d = torch.sub(chunk, centre, out=buf[:chunk.shape[0]])
+        s1 += d.sum(dims, dtype=acc)
+        s2 += d.square_().sum(dims, dtype=acc)
+    return s1, s2
 
 
-def batch_moments_differentiable(x: Tensor) -> Moments:
-    """:func:`batch_moments` as differentiable tensor ops (for ``torch.compile``'s traced path).
+def batch_moments_differentiable(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(m0, residual, biased var)`` of ``x`` as differentiable tensor ops, float64;
+    the mean is ``m0 + residual``.
 
-    Same shifted two-pass numerics; the shift is a detached float32 mean, so autograd differentiates
-    through the centred sums only. Requires a non-empty batch (the caller checks the shape).
+    The same shifted two-pass numerics as :func:`batch_moments`; ``m0`` is a detached float32 (or
+    float64) mean, so autograd differentiates through the centred sums only, and ``m0`` and the
+    small residual stay apart (see :func:`local_stats_cpu`). An empty batch (a static shape) gives
+    zeros, the identity of the merge, still connected to ``x`` in the autograd graph.
     """
     c = x.shape[1]
+    if x.numel() == 0:  # zeros that depend on x: an empty rank joins the backward all_reduce too
+        z = x.sum(reduce_dims(x)).double()
+        return z.detach(), z, z
     acc = stats_dtype(x.dtype)
     dims = reduce_dims(x)
     n = x.numel() // c
@@ -131,92 +139,110 @@ def batch_moments_differentiable(x: Tensor) -> Moments:
     d = x.to(acc) - _channel_view(m0, x.dim())
     s1 = d.sum(dims).double()
     s2 = (d * d).sum(dims).double()
-    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    return Moments(count, m0.double() + s1 / n, s2 - s1 * s1 / n)
+    q = s1 / n
+    return m0.double(), q, s2 / n - q * q
 
 
-def pack_moments(m: Moments) -> Tensor:
-    """Pack moments into one float64 vector ``[count, sum, sum of squares]`` of length ``2C + 1``.
+FAST_STATS_RATIO_LIMIT = 64.0
+"""Largest ``max |mean| / std`` over channels for which a float32 mean is precise enough: its
+rounding moves the normalized values by at most ``6e-8 * 64 = 4e-6``. Above it the statistics and
+the normalization take the exact (slower) composite paths."""
 
-    Sums are additive across ranks, so a single ``all_reduce(SUM)`` of packed vectors merges the
-    moments of every rank, count-weighted (uneven and empty ranks are exact).
+
+def local_stats_cpu(x: Tensor, exact: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(mean, biased var, residual)`` per channel of a non-empty CPU batch, the mean being
+    ``mean + residual`` (``residual`` is ``None`` or a small float64 correction).
+
+    Not ``exact``: one fused pass of torch's CPU statistics kernel (double accumulation, float32 or
+    float64 results), precise for data with a moderate offset (``|mean| / std <=
+    FAST_STATS_RATIO_LIMIT``; the caller checks with the statistics it reads anyway). ``exact``:
+    :func:`batch_moments`' two passes, whose rounded mean ``m0`` and exact correction
+    ``sum(x - m0) / n`` stay apart, so that ``mean - shift`` keeps every digit even at mean 1e8 and
+    std 1 in float64 (where ``m0 + correction`` would round to 1.5e-8), and whose variance is right
+    where the fused kernel's is not (mean 1e4, std 1e-2 in float32).
     """
-    s1 = m.mean * m.count
-    s2 = m.m2 + m.mean * s1
-    return torch.cat([m.count.reshape(1), s1, s2])
+    if not exact and x.dtype in (torch.float32, torch.float64):
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean, var, None
+    m0, residual, var = _moments_split(x)
+    return m0, var, residual
 
 
-def unpack_moments(packed: Tensor, num_features: int) -> Moments:
-    """Inverse of :func:`pack_moments` applied to a (possibly summed) packed vector.
+def _moments_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_moments` as ``(m0, sum(x - m0) / n, biased var)``, ``m0`` the rounded mean."""
+    c = x.shape[1]
+    acc = stats_dtype(x.dtype)
+    dims = reduce_dims(x)
+    n = x.numel() // c
+    m0 = x.mean(dims, dtype=acc)
+    s1, s2 = _centred_sums(x, m0, dims, acc)
+    q = s1 / n
+    return m0.double(), q, (s2 / n - q * q).clamp_(min=0.0)
 
-    The caller must make sure the total count is positive.
+
+def offset_ratios(q: Tensor, shift: Tensor, var: Tensor) -> Tensor:
+    """``[max (mean - shift)**2 / var, max mean**2 / var, sum var]`` over channels (mean = shift +
+    q): how far the shift was from the mean, how offset the data is (both squared), and a value
+    that is finite iff every variance is. One small tensor to read on the host."""
+    ratios = torch.stack([q, shift + q]).square_().div_(var + 1e-300).amax(1)
+    return torch.cat([ratios, var.sum().reshape(1)])
+
+
+def fill_payload(head: Tensor, mean: Optional[Tensor], var: Optional[Tensor], shift: Tensor, n: int,
+                 residual: Optional[Tensor] = None) -> Tensor:
+    """``[head | n * d | n * (var + d**2)]`` (float64, a new tensor), with
+    ``d = mean - shift (+ residual)``.
+
+    ``head`` is copied unchanged (the caller's signature and count entries). ``n == 0`` (an empty
+    batch; ``mean``/``var`` unused) gives zeros: the identity of the merge. Four tensor ops.
     """
-    count = packed[0]
-    s1 = packed[1 : 1 + num_features]
-    s2 = packed[1 + num_features : 1 + 2 * num_features]
-    mean = s1 / count
-    m2 = (s2 - mean * s1).clamp_(min=0.0)
-    return Moments(count, mean, m2)
+    if n == 0:
+        return torch.cat([head, shift.new_zeros(2 * shift.numel())])
+    d = torch.sub(mean, shift)  # float64 whatever mean's dtype
+    if residual is not None:
+        d += residual
+    buf = torch.cat([head, d, torch.addcmul(var, d, d)])
+    buf[head.numel():].mul_(n)
+    return buf
 
 
-def merge_moments(parts: Sequence[Moments]) -> Moments:
-    """Exact count-weighted merge of moments (Chan et al.), for chunks held in one process."""
-    count = torch.stack([p.count for p in parts]).sum()
-    mean = sum(p.mean * p.count for p in parts) / count
-    m2 = sum(p.m2 + p.count * (p.mean - mean) ** 2 for p in parts)
-    return Moments(count, mean, m2)
+def merge_payload(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Global statistics from the summed payload body ``sums = [sum(n d) | sum(n (var + d**2))]``.
 
-
-OFFSET_RATIO_LIMIT = 64.0
-"""Above this ``max |mean| / std`` over channels, the fused kernels (which form ``x * a + b`` with
-``b ~ -mean * a``) lose digits to cancellation in float32; the exact composite path is used instead."""
-
-
-def _fused_ok(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
-    """Whether torch's fused per-channel kernels are accurate for this data.
-
-    Needs a host read of C values: done for CPU tensors (free); CUDA tensors always take the fused
-    path (no sync), which has the precision of torch's own BatchNorm kernels. Under
-    ``torch.compile`` the exact composite path is taken (no data-dependent branch; the compiler
-    fuses it anyway).
+    ``counts = [N, N - 1]`` (summed too). Returns ``q = mean - shift`` (C,) and ``[var; unbiased
+    var]`` (2, C), float64. Three tensor ops; the caller makes sure ``N > 1``.
     """
-    if torch.compiler.is_compiling():
-        return False
-    if x.dtype == torch.float64 or x.device.type != "cpu":
-        return True
-    return bool((mean.abs() * invstd).max() <= OFFSET_RATIO_LIMIT) if mean.numel() else True
+    c = sums.numel() // 2
+    s1, s2 = sums[:c], sums[c:]
+    q = s1 / counts[0]
+    m2 = torch.addcmul(s2, s1, q, value=-1.0)
+    return q, m2 / counts.view(2, 1)
 
 
-def normalize(
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float = 0.0,
-) -> Tensor:
-    """``(x - mean) * invstd * weight + bias`` per channel, returned in ``x.dtype``.
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              eps: float, fused: bool) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, returned in ``x.dtype``.
 
-    ``mean`` and ``invstd`` are float64 ``(C,)``, with ``invstd = 1 / sqrt(var + eps)``. Usually one
-    pass of torch's fused inference kernel. For data with a large offset (``|mean| / std`` above
-    :data:`OFFSET_RATIO_LIMIT`, e.g. mean 1e4 and std 1e-2) the float32 rounding of the mean is
-    subtracted first (exact near the mean) and its remainder folded into the shift, so the output
-    keeps float32 precision where the fused kernel would lose digits.
+    ``mean`` and ``var`` (biased) are float64 ``(C,)``. ``fused``: one pass of torch's inference
+    kernel, for data with a moderate offset (``|mean| / std <= FAST_STATS_RATIO_LIMIT``). Otherwise
+    (e.g. mean 1e4 and std 1e-2, where that kernel's ``x * a + b`` with ``b ~ -mean * a`` loses
+    digits) the float32 rounding of the mean is subtracted first (exact near the mean) and its
+    remainder folded into the shift, so the output keeps float32 precision. Differentiable when
+    called with tensors that require grad (the traced path).
     """
     acc = stats_dtype(x.dtype)
-    traced = torch.is_grad_enabled() and any(  # autograd differentiates this call (traced path)
-        t is not None and t.requires_grad for t in (x, mean, invstd, weight, bias))
-    if not traced and _fused_ok(x, mean, invstd):
-        var = (invstd.reciprocal().square() - eps).to(acc)
+    if fused:
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
-        return torch.batch_norm(x, w, b, mean.to(acc), var, False, 0.0, eps, False)
+        return torch.batch_norm(x, w, b, mean.to(acc), var.to(acc), False, 0.0, eps, False)
+    invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * weight.double()
     mean_lo = mean.to(acc)
     shift = -(mean - mean_lo.double()) * scale
     if bias is not None:
         shift = shift + bias.double()
     nd = x.dim()
+    traced = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mean, var, weight, bias))
     if traced:
         out = (x - _channel_view(mean_lo, nd)) * _channel_view(scale.to(acc), nd) + _channel_view(shift.to(acc), nd)
         return out.to(x.dtype)
@@ -225,11 +251,12 @@ def normalize(
     return out.to(x.dtype)
 
 
-def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
-    """Local per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in the statistics dtype.
+def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    """Local per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in the statistics dtype (CPU).
 
     ``sum(dy)`` is ``grad_bias``; ``sum(dy * (x - mean)) * invstd`` is ``grad_weight``. One fused
-    pass (torch's batch-norm backward reduction, given our mean) on CPU.
+    pass (torch's batch-norm backward reduction, given our mean). Unless ``fused`` (moderate
+    offsets, where it does not matter), the float32 rounding of the mean is corrected exactly.
     """
     acc = stats_dtype(x.dtype)
     c = x.shape[1]
@@ -237,48 +264,31 @@ def backward_reduce(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -
         z = torch.zeros(c, dtype=acc, device=x.device)
         return z, z.clone()
     mean_lo = mean.to(acc)
-    if x.device.type == "cpu":
-        ones = torch.ones(c, dtype=acc, device=x.device)
-        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, None, None, None, mean_lo, ones, True, 0.0, [False, True, True])
-        sum_dy, sum_dy_xmu = sum_dy.to(acc), sum_dy_xmu.to(acc)
-    else:
-        dims = reduce_dims(x)
-        sum_dy = grad_out.sum(dims, dtype=acc)
-        xmu = x - _channel_view(mean_lo, x.dim())
-        sum_dy_xmu = xmu.mul_(grad_out).sum(dims, dtype=acc)
-    # (x - mean) = (x - mean_lo) + (mean_lo - mean): correct for the rounding of the mean
-    sum_dy_xmu = sum_dy_xmu + ((mean_lo.double() - mean) * sum_dy.double()).to(acc)
+    ones = torch.ones(c, dtype=acc, device=x.device)
+    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, None, None, None, mean_lo, ones, True, 0.0, [False, True, True])
+    sum_dy, sum_dy_xmu = sum_dy.to(acc), sum_dy_xmu.to(acc)
+    if not fused and mean.dtype != acc:  # (x - mean) = (x - mean_lo) + (mean_lo - mean)
+        sum_dy_xmu = sum_dy_xmu + ((mean_lo.double() - mean) * sum_dy.double()).to(acc)
     return sum_dy, sum_dy_xmu
 
 
-def backward_elemt(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Optional[Tensor],
-    sum_dy: Tensor,
-    sum_dy_xmu: Tensor,
-    count: Tensor,
-) -> Tensor:
-    """Input gradient of batch norm given the *global* sums and count.
+def backward_elemt(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor],
+                   sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor | float, fused: bool = True) -> Tensor:
+    """Input gradient of batch norm given the *global* sums and count (CPU).
 
     ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``, computed as
-    ``dy * a + x * k + c`` per channel (three passes, one allocation) or, for large-offset data
-    (see :func:`normalize`), around the rounded mean.
+    ``x * k + c`` then ``+= dy * a`` per channel: two passes over the activations. For large-offset
+    data (``fused=False``, see :func:`normalize`) around the rounded mean.
     """
     acc = stats_dtype(x.dtype)
     nd = x.dim()
     w = invstd if weight is None else invstd * weight.double()
     k = -w * invstd * invstd * sum_dy_xmu.double() / count
     c = -w * sum_dy.double() / count
-    if _fused_ok(x, mean, invstd):
-        grad = torch.mul(grad_out, _channel_view(w.to(acc), nd))
-        grad = grad.to(acc) if grad.dtype != acc else grad
-        grad.addcmul_(x, _channel_view(k.to(acc), nd))
-        grad.add_(_channel_view((c - k * mean).to(acc), nd))
-        return grad.to(x.dtype)
+    if fused:
+        grad = torch.addcmul(_channel_view((c - k * mean).to(acc), nd), x, _channel_view(k.to(acc), nd))
+        return grad.addcmul_(grad_out, _channel_view(w.to(acc), nd)).to(x.dtype)
     mean_lo = mean.to(acc)
     t = x - _channel_view(mean_lo, nd)
     # the float32 rounding of the mean moves (x - mean) by a per-channel constant: fold it into c
@@ -287,83 +297,49 @@ def backward_elemt(
     return t.addcmul_(grad_out, _channel_view(w.to(acc), nd)).to(x.dtype)
 
 
-@torch.no_grad()
-def update_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    mean: Tensor,
-    unbiased_var: Tensor,
-    factor: float | Tensor,
-    skip_nonfinite: bool = False,
-) -> None:
-    """In-place ``running = (1 - factor) * running + factor * batch`` for mean and variance.
-
-    With ``skip_nonfinite``, channels whose batch mean or variance is NaN/inf keep their running
-    values (selected on the device, no host sync) instead of being poisoned.
-    """
-    keep = None
-    if skip_nonfinite:
-        keep = ~(torch.isfinite(mean) & torch.isfinite(unbiased_var))
-    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-        if running is None:
-            continue
-        weight = factor.to(running.dtype) if isinstance(factor, Tensor) else factor
-        new = torch.lerp(running, batch.to(running.dtype), weight)
-        running.copy_(new if keep is None else torch.where(keep, running, new))
-
-
-def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
-    """The exponential-average factor torch uses: ``momentum``, or ``1 / batches`` when ``None``.
-
-    Call after ``num_batches_tracked`` has been incremented for the current batch.
-    """
-    if momentum is not None:
-        return float(momentum)
-    if num_batches_tracked is None:
-        return 0.0
-    return 1.0 / float(num_batches_tracked)
-
-
-def renorm_correction(
-    mean: Tensor,
-    var: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    r_max: Tensor | float,
-    d_max: Tensor | float,
-) -> tuple[Tensor, Tensor]:
-    """Batch Renormalization's ``r`` and ``d`` (Ioffe 2017), float64, without gradient.
+def renorm_correction(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, eps: float,
+                      r_max: Tensor | float, d_max: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's ``r`` and ``d`` (Ioffe 2017), without gradient, in ``var``'s dtype.
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
     with ``sigma_B = sqrt(var_B + eps)`` from the batch and ``mu``, ``sigma = sqrt(running_var +
-    eps)`` from the running statistics *before* this step's update.
+    eps)`` from the running statistics *before* this step's update. The limits are floats or
+    0-dim tensors (a warm-up ramp computed on the device). Both come out of one stacked ``(2, C)``
+    computation: eight kernels.
     """
     with torch.no_grad():
-        sigma = torch.sqrt(running_var.double() + eps)
-        r_max_t = torch.as_tensor(r_max, dtype=torch.float64, device=mean.device)
-        d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=mean.device)
-        r = torch.clamp(torch.sqrt(var.double() + eps) / sigma, min=1.0 / r_max_t, max=r_max_t)
-        d = torch.clamp((mean.double() - running_mean.double()) / sigma, min=-d_max_t, max=d_max_t)
-    return r, d
+        dt = var.dtype
+        inv_sigma = torch.rsqrt(running_var.to(dt) + eps)
+        rd = torch.stack([torch.sqrt(var + eps), mean.to(dt) - running_mean.to(dt)]).mul_(inv_sigma)
+        if isinstance(r_max, Tensor):  # a warm-up ramp: limits on the device
+            low = torch.stack([r_max.reciprocal(), -d_max]).to(dt).view(2, 1)
+            high = torch.stack([r_max, d_max + 0.0 * r_max]).to(dt).view(2, 1)
+            rd = torch.clamp(rd, low, high)
+        else:  # constant limits: no tensor built from host data
+            rd[0].clamp_(1.0 / r_max, r_max)
+            rd[1].clamp_(-d_max, d_max)
+        return rd[0], rd[1]
 
 
 def renorm_affine(weight: Optional[Tensor], bias: Optional[Tensor], r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Fold Batch Renorm's ``r``, ``d`` into the affine transform (float64):
+    """Fold Batch Renorm's ``r``, ``d`` into the affine transform:
     ``w * (x_hat * r + d) + b = x_hat * (w * r) + (w * d + b)``."""
-    w64 = weight.double() if weight is not None else torch.ones_like(r)
-    shift = w64 * d
-    return w64 * r, (shift + bias.double()) if bias is not None else shift
+    if weight is None:
+        return r, d if bias is None else d + bias
+    scale = weight * r.to(weight.dtype)
+    dd = d.to(weight.dtype)
+    return scale, (weight * dd) if bias is None else torch.addcmul(bias, weight, dd)
 
 
-def renorm_limits(r_max: float, d_max: float, step: Tensor, warmup_steps: int) -> tuple[Tensor, Tensor]:
+def renorm_limits(r_max: float, d_max: float, step: Optional[Tensor], warmup_steps: int
+                  ) -> tuple[Tensor | float, Tensor | float]:
     """Limits at training step ``step`` (counting from 0), ramped linearly over ``warmup_steps``.
 
-    ``r_max_t = 1 + (r_max - 1) * min(1, t / T)``, ``d_max_t = d_max * min(1, t / T)``; computed on
-    the device from a tensor step, so no host sync.
+    ``r_max_t = 1 + (r_max - 1) * min(1, t / T)``, ``d_max_t = d_max * min(1, t / T)``: 0-dim
+    tensors computed on the device from the step tensor (no host sync); plain floats without a
+    warm-up.
     """
-    if warmup_steps <= 0:
-        ramp = torch.ones((), dtype=torch.float64, device=step.device)
-    else:
-        ramp = torch.clamp(step.double() / warmup_steps, max=1.0)
+    if warmup_steps <= 0 or step is None:
+        return float(r_max), float(d_max)
+    ramp = torch.clamp(step.double() / warmup_steps, max=1.0)
     return 1.0 + (r_max - 1.0) * ramp, d_max * ramp

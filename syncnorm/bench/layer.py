@@ -9,7 +9,7 @@ input. Two parts:
 
 * ``w2``: every rank of the job runs every variant at the same time (both busy, one thread each):
   ``local`` BatchNorm2d, ``syncnorm_nopeer`` (syncnorm's synchronized code path,
-  :class:`syncnorm._autograd.SyncBatchNormFunction`, with no group: the same math, no
+  :class:`syncnorm.engine`'s synchronized Function, with no group: the same math, no
   communication), ``floor`` (BatchNorm2d plus syncnorm's two collectives carrying zeros),
   ``syncnorm`` (:class:`syncnorm.SyncBatchNorm` over the W ranks), ``naive_allgather`` (per-rank
   mean, variance and count gathered with the differentiable
@@ -45,8 +45,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 import syncnorm
-from syncnorm._autograd import SyncBatchNormFunction
-from syncnorm.distributed import SyncSpec
+from syncnorm import engine
 
 from . import common
 from .variants import FloorBatchNorm2d, count_collectives
@@ -56,11 +55,11 @@ W1_VARIANTS = ("local", "syncnorm_nopeer", "syncnorm_fn_1rank", "syncnorm_layer_
                "torch_syncbn")
 DESCRIPTIONS = {
     "local": "torch.nn.BatchNorm2d, per-rank statistics (baseline of the ratios)",
-    "syncnorm_nopeer": "syncnorm._autograd.SyncBatchNormFunction with SyncSpec(group=None): the "
+    "syncnorm_nopeer": "the engine's synchronized Function without a group: the "
                        "synchronized code path (fp64 merged moments, explicit backward), no communication",
-    "syncnorm_fn_1rank": "SyncBatchNormFunction over a one-rank gloo group: its two all_reduce calls run, no peer",
+    "syncnorm_fn_1rank": "the engine's Function over a one-rank gloo group: its two all_reduce calls run, no peer",
     "syncnorm_layer_1rank": "syncnorm.SyncBatchNorm(process_group=<one-rank group>): takes the local BatchNorm path",
-    "floor": "BatchNorm2d + syncnorm's collectives carrying zeros (fwd all_reduce (2C+3) fp64, bwd 2C fp32)",
+    "floor": "BatchNorm2d + syncnorm's collectives carrying zeros (fwd all_reduce (2C+11) fp64, bwd 2C fp32)",
     "syncnorm": "syncnorm.SyncBatchNorm over all ranks",
     "naive_allgather": "per-rank (mean, var, count) -> differentiable torch.distributed.nn.functional.all_gather "
                        "-> count-weighted merge, autograd through it (backward: W scatters on gloo)",
@@ -102,22 +101,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------- variants
 
 
-def _spec(bn: nn.Module, group: Any) -> SyncSpec:
-    """The layer's SyncSpec for ``group`` (``None``: no communication)."""
-    make = getattr(bn, "_sync_spec", None)
-    if callable(make):
-        return make(group, True)
-    return SyncSpec(label="SyncBatchNorm 'bench'", num_features=bn.num_features, group=group)
-
-
-def syncnorm_function(bn: nn.Module, group: Any) -> Callable[[Tensor], Tensor]:
-    """``x -> SyncBatchNormFunction(x)`` with ``bn``'s parameters and buffers over ``group``."""
-    spec = _spec(bn, group)
-    factor = bn.momentum if bn.momentum is not None else 0.1
+def syncnorm_function(bn: "syncnorm.SyncBatchNorm", group: Any) -> Callable[[Tensor], Tensor]:
+    """``x -> `` the engine's synchronized Function with ``bn``'s parameters and buffers over
+    ``group`` (``None``: the same math, no communication)."""
 
     def fwd(x: Tensor) -> Tensor:
-        return SyncBatchNormFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                           bn.eps, factor, spec)
+        call = engine._prepare(bn, x, group, None)
+        return engine._SyncBatchNormFunction.apply(x, bn.weight, bn.bias, call)
 
     return fwd
 

@@ -25,7 +25,7 @@ Run with torchrun (2 ranks)::
    ``syncnorm.models.resnet.build_resnet(50)``: 53 layers, 26,560 channels) for
    W = 2, 8, 16, ..., 1024, under three schemes, per layer:
 
-   * ``syncnorm``: all_reduce of (2C+3)*8 bytes (forward) + all_reduce of 2C*4 bytes (backward)
+   * ``syncnorm``: all_reduce of (2C+11)*8 bytes (forward) + all_reduce of 2C*4 bytes (backward)
    * ``torch``: all_gather of (2C+1)*4 bytes per rank, W(2C+1)*4 out (forward) + all_reduce 2C*4 (backward)
    * ``naive``: 2 all_reduce of (2C+1)*4 bytes (forward statistics, their gradient in backward)
 
@@ -51,6 +51,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from syncnorm.distributed import HEAD_SIZE
 
 from . import common
 
@@ -115,7 +117,7 @@ def scheme_collectives(scheme: str, channels: Sequence[int]) -> list[tuple[str, 
     out: list[tuple[str, int, torch.dtype]] = []
     for c in channels:
         if scheme == "syncnorm":
-            out += [("all_reduce", (2 * c + 3) * 8, f64), ("all_reduce", 2 * c * 4, f32)]
+            out += [("all_reduce", (2 * c + HEAD_SIZE) * 8, f64), ("all_reduce", 2 * c * 4, f32)]
         elif scheme == "torch":
             out += [("all_gather", (2 * c + 1) * 4, f32), ("all_reduce", 2 * c * 4, f32)]
         elif scheme == "naive":
@@ -416,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "check_w2": check,
         "formulas": formulas,
         "schemes": {
-            "syncnorm": "per layer: all_reduce (2C+3)*8 B (fwd, float64 [sig, sig^2, count, sum, sumsq]) + all_reduce 2C*4 B (bwd)",
+            "syncnorm": "per layer: all_reduce (2C+11)*8 B (fwd, float64 [signature head (9), N, N - 1, sum, sumsq about the shift]) + all_reduce 2C*4 B (bwd)",
             "torch": "per layer: all_gather (2C+1)*4 B per rank -> W(2C+1)*4 B (fwd: mean, invstd, count) + all_reduce 2C*4 B (bwd)",
             "naive": "per layer: all_reduce (2C+1)*4 B (fwd statistics) + all_reduce (2C+1)*4 B (their gradient, bwd)",
         },

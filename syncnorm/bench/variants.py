@@ -5,7 +5,7 @@ objects (no copies), so they have the same weights:
 
 * ``local``: ``torch.nn.BatchNorm2d``, per-rank statistics, no communication.
 * ``floor``: ``torch.nn.BatchNorm2d`` plus, per layer, the collectives syncnorm issues, with the same
-  payload sizes and dtypes but carrying zeros: forward one ``all_reduce`` of ``2C + 3`` float64
+  payload sizes and dtypes but carrying zeros: forward one ``all_reduce`` of ``2C + 11`` float64
   values, backward one ``all_reduce`` of ``2C`` float32 values. What no synchronized BN can avoid.
 * ``syncnorm``: :class:`syncnorm.SyncBatchNorm` (explicit backward, float64 merged moments).
 * ``naive``: :class:`NaiveSyncBatchNorm`, a reference in the style of detectron2's layer, written
@@ -29,6 +29,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 import syncnorm
+from syncnorm.distributed import HEAD_SIZE
 
 from ._resnet import bn_layers
 
@@ -77,7 +78,7 @@ class FloorBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` plus syncnorm's two collectives per training step, carrying zeros.
 
     Outputs and gradients are exactly ``BatchNorm2d``'s; the only difference is the communication:
-    forward ``all_reduce`` of ``2C + 3`` float64 zeros, backward ``all_reduce`` of ``2C`` zeros in the
+    forward ``all_reduce`` of ``2C + 11`` float64 zeros, backward ``all_reduce`` of ``2C`` zeros in the
     statistics dtype. Nothing is sent in eval mode or without a process group of 2+ ranks.
     """
 
@@ -86,7 +87,7 @@ class FloorBatchNorm2d(nn.BatchNorm2d):
         if not self.training or group is None or dist.get_world_size(group) <= 1:
             return super().forward(input)
         c = self.num_features
-        _all_reduce_wait(torch.zeros(2 * c + 3, dtype=torch.float64, device=input.device), group)
+        _all_reduce_wait(torch.zeros(2 * c + HEAD_SIZE, dtype=torch.float64, device=input.device), group)
         if input.requires_grad:
             input = _FloorBackward.apply(input, c, group)
         return super().forward(input)
@@ -190,7 +191,7 @@ def expected_comm(model: nn.Module, variant: str, stats_bytes: int = 4) -> dict[
     if variant == "local":
         per_layer = []
     elif variant in ("floor", "syncnorm"):
-        per_layer = [[(2 * c + 3) * 8, 2 * c * stats_bytes] for c in channels]
+        per_layer = [[(2 * c + HEAD_SIZE) * 8, 2 * c * stats_bytes] for c in channels]
     elif variant == "naive":
         per_layer = [[(2 * c + 1) * 4, (2 * c + 1) * 4] for c in channels]
     else:

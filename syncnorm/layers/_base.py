@@ -8,50 +8,18 @@ and checkpoint-version migration are torch's own). It deliberately does *not* su
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
-from ..distributed import DEFAULT_TIMEOUT_S, SyncSpec, group_size, handshake, resolve_group
-
-NONFINITE_POLICIES = ("skip", "raise", "propagate")
+from .. import engine
+from ..distributed import DEFAULT_TIMEOUT_S
+from ..engine import check_batch_size, check_norm_input, layer_label  # noqa: F401  (re-exported)
 
 ORIGINAL_CLASS_ATTR = "_syncnorm_original_cls"
 """Attribute in which conversions record the torch class a layer had before it was converted."""
-
-
-def layer_label(module: nn.Module) -> str:
-    """How messages name a layer: its class, and its qualified name when a conversion set one."""
-    name = getattr(module, "layer_name", None)
-    return f"{type(module).__name__} '{name}'" if name else type(module).__name__
-
-
-def check_norm_input(module: nn.Module, x: Tensor, num_features: int) -> None:
-    """``ValueError`` unless ``x`` is ``(N, num_features, *)`` with at least two dims."""
-    if x.dim() < 2:
-        raise ValueError(
-            f"{layer_label(module)}: expected input (N, {num_features}, *) with at least 2 dims, "
-            f"got {x.dim()}D input of shape {tuple(x.shape)}"
-        )
-    if x.shape[1] != num_features:
-        raise ValueError(
-            f"{layer_label(module)}: expected input with {num_features} channels, got {x.shape[1]} "
-            f"(input shape {tuple(x.shape)})"
-        )
-
-
-def check_batch_size(module: nn.Module, x: Tensor) -> None:
-    """``ValueError`` for a local training batch with at most one value per channel."""
-    per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
-    if per_channel <= 1:
-        raise ValueError(
-            f"{layer_label(module)}: expected more than 1 value per channel when training, got "
-            f"{per_channel} (input shape {tuple(x.shape)})"
-        )
 
 
 def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -110,7 +78,8 @@ class BatchNormBase(_BatchNorm):
     """Dimension-agnostic ``_BatchNorm`` with syncnorm's checks; input ``(N, C, *)``.
 
     Attributes (not in ``state_dict``):
-        layer_name: qualified name used in error messages; set by the conversion functions.
+        layer_name: qualified name used in error messages and as the layer's identity across ranks;
+            set by the conversion functions.
         sync_timeout_s: bound, in seconds, on a blocking wait in a collective (CPU/gloo).
         on_nonfinite: ``"skip"`` (default), ``"raise"`` or ``"propagate"``: what NaN/inf batch
             statistics do to the running statistics in the synchronized path (see
@@ -133,82 +102,15 @@ class BatchNormBase(_BatchNorm):
         self.layer_name = None
         self.sync_timeout_s = DEFAULT_TIMEOUT_S
         self.on_nonfinite = "skip"
-
-    def _sync_spec(self, group, verify: bool) -> "SyncSpec":
-        """The exchange's view of this layer, validated."""
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"{layer_label(self)}: expected on_nonfinite in {list(NONFINITE_POLICIES)}, "
-                             f"got {self.on_nonfinite!r}")
-        return SyncSpec(layer_label(self), self.num_features, group, self.sync_timeout_s, verify,
-                        self.on_nonfinite)
+        self._built_at = engine.construction_identity()
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_norm_input(self, input, self.num_features)
-
-    def _step_factor(self) -> float | Tensor:
-        """Count the batch in ``num_batches_tracked`` when training; return the average factor.
-
-        Same convention as torch: ``momentum`` is the weight of the new batch, ``None`` means a
-        cumulative average (``1 / num_batches_tracked``).
-        """
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                if torch.compiler.is_compiling():  # a tensor: no host read inside a graph
-                    return 1.0 / self.num_batches_tracked.double()
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
 
     def _uses_batch_stats(self) -> bool:
         """Batch statistics in training, and in eval when there are no running buffers."""
         return self.training or (self.running_mean is None and self.running_var is None)
 
-    def _buffers_for_call(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Running buffers to pass: in eval to normalize with, in training only if tracked."""
-        if not self.training or self.track_running_stats:
-            return self.running_mean, self.running_var
-        return None, None
-
-    def _local_batch_norm(self, x: Tensor, factor: float, weight: Optional[Tensor] = None,
-                          bias: Optional[Tensor] = None, affine: bool = True) -> Tensor:
-        """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages.
-
-        Uses the layer's own weight and bias unless ``affine=False`` (then ``weight``/``bias``).
-        """
-        bn_training = self._uses_batch_stats()
-        if bn_training:
-            check_batch_size(self, x)
-        running_mean, running_var = self._buffers_for_call()
-        if affine:
-            weight, bias = self.weight, self.bias
-        return torch.nn.functional.batch_norm(
-            x, running_mean, running_var, weight, bias, bn_training, factor, self.eps
-        )
-
-    def _sync_batch_norm(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-        """Batch norm of ``x`` with statistics over ``self.process_group`` in training.
-
-        The shared engine of the synchronized layers (SyncBatchNorm, and the batch branch of
-        Batch-Instance Norm): plain BatchNorm without a group of size > 1 or in eval mode; the
-        explicit-backward Function in eager mode; the traceable path under ``torch.compile``.
-        Counts the step in ``num_batches_tracked``.
-        """
-        factor = self._step_factor()
-        group = resolve_group(getattr(self, "process_group", None)) if self.training else None
-        if group_size(group) <= 1:
-            return self._local_batch_norm(x, factor, weight, bias, affine=False)
-        compiling = torch.compiler.is_compiling()
-        # Verifying the ranks' layer signature reads 2 numbers on the host: free for CPU tensors,
-        # a sync on CUDA, where only the first synchronized call checks (the handshake).
-        spec = self._sync_spec(group, x.device.type == "cpu" and not compiling)
-        running_mean, running_var = self._buffers_for_call()
-        if compiling:
-            return sync_batch_norm_traceable(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
-        if not getattr(self, "_handshake_done", False):
-            # a fixed-size exchange of the layer signature (name, C, dtype, device type) before the
-            # first C-sized one: ranks whose models disagree on C get a clear error instead of a
-            # gloo abort on mismatched buffer sizes
-            handshake(dataclasses.replace(spec, verify=True), x)
-            self._handshake_done = True
-        return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, self.eps, factor, spec)
+    def _local_batch_norm(self, x: Tensor, factor: float) -> Tensor:
+        """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages."""
+        return engine.local_batch_norm(self, x, self.weight, self.bias, factor)

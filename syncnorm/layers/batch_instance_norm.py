@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import engine
 from ._base import BatchNormBase
 
 
@@ -50,7 +51,7 @@ class BatchInstanceNorm(BatchNormBase):
             raise ValueError(f"BatchInstanceNorm: expected input (N, {self.num_features}, *) with at least one "
                              f"trailing dim for instance statistics, got shape {tuple(input.shape)}")
         shape = [1, -1] + [1] * (input.dim() - 2)
-        batch = self._sync_batch_norm(input, None, None)
+        batch = engine.batch_norm(self, input, None, None)
         instance = F.instance_norm(input, eps=self.eps)
         rho = self.gate.clamp(0.0, 1.0).view(shape)
         out = rho * batch + (1.0 - rho) * instance

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
-from .. import functional as SF
-from .._autograd import SyncBatchNormFunction, sync_batch_norm_traceable
-from ..distributed import group_size, resolve_group
+from .. import engine
 from ._base import BatchNormBase
 
 
@@ -75,21 +72,8 @@ class BatchRenorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training:
-            return self._local_batch_norm(input, 0.0)
-        step = self.num_batches_tracked.clone()  # t, counted from 0, before this step is counted
-        factor = self._step_factor()
-        group = resolve_group(self.process_group)
-        group = group if group_size(group) > 1 else None
-        verify = input.device.type == "cpu" and not torch.compiler.is_compiling()
-        spec = self._sync_spec(group, verify)
-        limits = SF.renorm_limits(self.r_max, self.d_max, step, self.warmup_steps)
-        if torch.compiler.is_compiling():
-            return sync_batch_norm_traceable(input, self.weight, self.bias, self.running_mean, self.running_var,
-                                             self.eps, factor, spec, limits)
-        return SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, factor, spec, limits
-        )
+        renorm = engine.Renorm(self.r_max, self.d_max, self.warmup_steps)
+        return engine.batch_norm(self, input, self.weight, self.bias, renorm)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"

@@ -7,9 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .. import functional as SF
-from ..distributed import all_reduce_traceable, group_size, resolve_group
-from ._base import BatchNormBase, check_batch_size
+from .. import engine
+from ._base import BatchNormBase
 
 
 class SwitchableNorm(BatchNormBase):
@@ -46,35 +45,18 @@ class SwitchableNorm(BatchNormBase):
         self.mean_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
 
-    def _batch_stats(self, x: Tensor, factor: Any) -> tuple[Tensor, Tensor]:
-        """Per-channel BN mean and biased variance: global in training, running in eval."""
-        if not self._uses_batch_stats():
-            return self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
-        local = SF.batch_moments_differentiable(x)
-        group = resolve_group(self.process_group)
-        if group_size(group) > 1:
-            m = SF.unpack_moments(all_reduce_traceable(SF.pack_moments(local), group), self.num_features)
-        else:
-            check_batch_size(self, x)
-            m = local
-        if self.training and self.track_running_stats:
-            SF.update_running_stats(self.running_mean, self.running_var, m.mean.detach(),
-                                    m.unbiased_var.detach(), factor, self.on_nonfinite != "propagate")
-        return m.mean.to(x.dtype), m.var.to(x.dtype)
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if input.dim() < 3:
             raise ValueError(f"SwitchableNorm: expected input (N, {self.num_features}, *) with at least one "
                              f"trailing dim for instance statistics, got shape {tuple(input.shape)}")
-        factor = self._step_factor()
         n, c = input.shape[:2]
         x = input
         spatial = list(range(2, x.dim()))
         var_in, mean_in = torch.var_mean(x, spatial, correction=0, keepdim=True)  # (N, C, 1..)
         mean_ln = mean_in.mean(1, keepdim=True)  # (N, 1, 1..)
         var_ln = (var_in + mean_in.square()).mean(1, keepdim=True) - mean_ln.square()
-        mean_bn, var_bn = self._batch_stats(x, factor)
+        mean_bn, var_bn = engine.batch_stats(self, x)
         shape = [1, c] + [1] * len(spatial)
         mean_bn, var_bn = mean_bn.view(shape), var_bn.view(shape)
         wm = torch.softmax(self.mean_weight, 0)

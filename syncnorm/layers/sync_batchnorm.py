@@ -7,6 +7,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import engine
 from ._base import BatchNormBase, replace_modules, transfer_norm_state
 
 
@@ -74,7 +75,7 @@ class SyncBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        return self._sync_batch_norm(input, self.weight, self.bias)
+        return engine.batch_norm(self, input, self.weight, self.bias)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from syncnorm.distributed import HEAD_SIZE
+
 from syncnorm.bench import memory, scaling
 
 
@@ -42,7 +44,7 @@ def test_resnet50_layout_and_scheme_bytes() -> None:
     torch_ = scaling.scheme_collectives("torch", channels)
     naive = scaling.scheme_collectives("naive", channels)
     assert len(sync) == len(torch_) == len(naive) == 106
-    assert sum(n for _, n, _ in sync) == sum((2 * c + 3) * 8 + 2 * c * 4 for c in channels)
+    assert sum(n for _, n, _ in sync) == sum((2 * c + HEAD_SIZE) * 8 + 2 * c * 4 for c in channels)
     assert [name for name, _, _ in torch_[:2]] == ["all_gather", "all_reduce"]
     # bandwidth only: torch's all_gather output grows with W, syncnorm's all_reduce payload does not
     bw = {"all_reduce": {"a": 0.0, "b": 1e-9}, "all_gather": {"a": 0.0, "b": 1e-9}}
@@ -68,5 +70,5 @@ def test_saved_tensor_accounting_local_vs_syncnorm() -> None:
     act = x.numel() * 4
     assert out["local"]["input_bytes"] == out["syncnorm"]["input_bytes"] == act
     assert out["local"]["new_bytes"] == 8 * c  # save_mean, save_invstd (float32)
-    assert out["syncnorm"]["new_bytes"] == 16 * c + 8  # mean, invstd (float64), count
+    assert out["syncnorm"]["new_bytes"] == 16 * c  # mean, invstd (float64)
     assert out["local"]["activation_copies"] == out["syncnorm"]["activation_copies"] == 0

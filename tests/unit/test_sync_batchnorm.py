@@ -1,5 +1,6 @@
-"""SyncBatchNorm in one process: torch-identical fallback, the synchronized path through a one-rank
-group (gradcheck, mixed precision, channels_last), checkpoints, conversion, pickling, errors."""
+"""SyncBatchNorm in one process: torch-identical fallback, the synchronized path through the scaled
+one-process group of W ranks (gradcheck, mixed precision, channels_last), checkpoints, conversion,
+pickling, errors."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import torch
 from torch import nn
 
 import syncnorm
-from syncnorm import SyncBatchNorm
-from syncnorm._autograd import SyncBatchNormFunction
-from syncnorm.distributed import SyncSpec
+from syncnorm import SyncBatchNorm, engine
+from tests.helpers.scaled_pg import ScaledProcessGroup, scaled_group
 
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
@@ -88,54 +88,87 @@ def test_error_messages_name_layer_expected_and_received():
         SyncBatchNorm(0)
 
 
-def _sync_apply(x, layer, group):
-    spec = SyncSpec("SyncBatchNorm", layer.num_features, group, 30.0, True)
-    return SyncBatchNormFunction.apply(x, layer.weight, layer.bias, layer.running_mean, layer.running_var,
-                                       layer.eps, 0.1, spec)
+def _repeated_reference(layer_cls, x, dy, world, **kw):
+    """torch BatchNorm in float64 on ``x`` repeated ``world`` times: what ``world`` ranks holding
+    ``x`` compute together; returns this rank's output and input gradient, and the layer."""
+    ref = layer_cls(x.shape[1], dtype=torch.float64, **kw)
+    xr = torch.cat([x.detach().double()] * world).requires_grad_()
+    y = ref(xr)
+    y.backward(torch.cat([dy.double()] * world))
+    n = x.shape[0]
+    return y[:n].detach(), xr.grad[:n], ref
 
 
-def test_synchronized_path_gradcheck(one_rank_group):
-    layer = SyncBatchNorm(3, dtype=torch.float64)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
-    x = (torch.randn(5, 3, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
-    fn = lambda x, w, b: SyncBatchNormFunction.apply(  # noqa: E731
-        x, w, b, None, None, 1e-5, 0.1, SyncSpec("SyncBatchNorm", 3, one_rank_group, 30.0, True))
-    assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.bias), eps=1e-6, atol=1e-6)
+def test_synchronized_path_gradcheck():
+    with scaled_group(2):
+        layer = SyncBatchNorm(3, dtype=torch.float64, track_running_stats=False)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5), layer.bias.normal_()
+        x = (torch.randn(5, 3, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+        layer(x)  # first call: handshake and shift
+        calls = ScaledProcessGroup.calls["all_reduce"]
+        fn = lambda x, w, b: engine.batch_norm(layer, x, w, b)  # noqa: E731  (the layer's path, any w, b)
+        assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.bias), eps=1e-6, atol=1e-6)
+        assert ScaledProcessGroup.calls["all_reduce"] > calls  # the synchronized path ran
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-def test_synchronized_path_mixed_precision(one_rank_group, dtype, tol):
+def test_synchronized_path_mixed_precision(dtype, tol):
     # values ~300: their squares (9e4) overflow float16, the statistics must not
     x64 = torch.randn(6, 4, 5, 5, dtype=torch.float64) * 20 + 300
     x = x64.to(dtype).requires_grad_()
-    layer = SyncBatchNorm(4)
-    y = _sync_apply(x, layer, one_rank_group)
+    dy = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    with scaled_group(2):
+        layer = SyncBatchNorm(4)
+        y = layer(x)
+        y.backward(dy.to(dtype))
+    ref_y, ref_grad, ref_layer = _repeated_reference(nn.BatchNorm2d, x.detach().double(), dy, 2)
     assert y.dtype == dtype and torch.isfinite(y).all()
-    ref_layer = nn.BatchNorm2d(4, dtype=torch.float64)
-    xr = x.detach().double().requires_grad_()
-    ref = ref_layer(xr)
-    assert (y.double() - ref).abs().max().item() < tol
-    dy = torch.randn_like(ref)
-    y.backward(dy.to(dtype))
-    ref.backward(dy)
+    assert (y.double() - ref_y).abs().max().item() < tol
     assert x.grad.dtype == dtype
-    assert (x.grad.double() - xr.grad).abs().max().item() < tol * 4
+    assert (x.grad.double() - ref_grad).abs().max().item() < tol * 4
     torch.testing.assert_close(layer.running_mean.double(), ref_layer.running_mean, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(layer.running_var.double(), ref_layer.running_var, rtol=2e-2, atol=1e-2)
 
 
-def test_synchronized_path_channels_last_and_5d(one_rank_group):
+@pytest.mark.parametrize("world", [2, 3])
+def test_synchronized_path_channels_last_and_5d(world):
     for shape, fmt in [((4, 3, 5, 6), torch.channels_last), ((2, 3, 3, 4, 2), torch.channels_last_3d)]:
         x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-        layer, ref = SyncBatchNorm(3, process_group=one_rank_group), TORCH_BN[len(shape)](3)
-        y = _sync_apply(x, layer, one_rank_group)
-        xr = x.detach().clone().requires_grad_()
-        r = ref(xr)
-        torch.testing.assert_close(y, r, rtol=0, atol=1e-5)
         dy = torch.randn(shape)
-        y.backward(dy), r.backward(dy)
-        torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-5)
+        with scaled_group(world):
+            layer = SyncBatchNorm(3)
+            y = layer(x)
+            y.backward(dy)
+        ref_y, ref_grad, ref = _repeated_reference(TORCH_BN[len(shape)], x, dy, world)
+        torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), ref_grad, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.running_var.double(), ref.running_var, rtol=0, atol=1e-6)
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    with scaled_group(2):
+        layer = SyncBatchNorm(3)
+        x = torch.randn(4, 3, 2, requires_grad=True)
+        (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+            g.sum().backward()
+
+
+def test_engine_state_is_kept_by_deepcopy_and_dropped_by_pickle():
+    import copy
+
+    with scaled_group(2):
+        layer = SyncBatchNorm(3)
+        layer(torch.randn(4, 3, 2) + 5)
+        state = layer._engine_state
+        twin = copy.deepcopy(layer)
+        assert twin._engine_state.group is state.group and twin._engine_state.ready
+        torch.testing.assert_close(twin._engine_state.shift, state.shift)
+        assert twin._engine_state.shift is not state.shift
+        assert twin._built_at == layer._built_at  # a deep copy is the same layer on every rank
+        clone = pickle.loads(pickle.dumps(layer))
+        assert clone._engine_state.group is None  # a new process starts with a handshake
 
 
 def test_group_of_size_one_falls_back_without_collectives(one_rank_group, monkeypatch):
