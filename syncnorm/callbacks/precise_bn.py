@@ -7,12 +7,12 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import functional as SF
+from ..distributed import min_over_ranks, sum_over_ranks
 from ._select import Selection, has_frozen_stats, select_norm_layers
 
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
@@ -68,10 +68,7 @@ def recompute_population_stats(model: nn.Module, batches: Any, layers: dict[str,
     device = next((b.device for b in layers[names[0]].buffers()), torch.device("cpu"))
     flat = torch.cat([sums.get(n, torch.zeros(1 + 2 * layers[n].num_features, dtype=torch.float64)).to(device)
                       for n in names])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = flat if dist.get_backend() == "nccl" else flat.cpu()
-        dist.all_reduce(buf)
-        flat = buf.to(device)
+    flat = sum_over_ranks(flat)
     offset = 0
     for n in names:
         layer = layers[n]
@@ -123,11 +120,8 @@ class PreciseBN(pl.Callback):
         if loader is None:
             return
         layers = {n: m for n, m in select_norm_layers(pl_module, self.layers).items() if not has_frozen_stats(m)}
-        n = self.num_batches
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([min(n, _length(loader, n))], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # every rank must run as many synced forwards
-            n = int(t)
+        # every rank must run as many (possibly synchronized) forwards
+        n = min_over_ranks(min(self.num_batches, _length(loader, self.num_batches)))
 
         def batches():
             for i, batch in enumerate(itertools.islice(iter(loader), n)):
