@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..convert import KINDS
+from .. import rules
+from ..convert import AUTO, conversion_kind, conversion_kinds
 from ..models.lit_module import OPTIMIZERS, SCHEDULERS
 from ..models.resnet import RESNET_DEPTHS, STEMS
 
-__all__ = ["ConfigError", "validate_config", "NORM_OPTIONS", "WANDB_MODES"]
-
-NORM_OPTIONS: dict[str, tuple[str, ...]] = {
-    "batch": (),
-    "sync": ("sync_group_size",),
-    "ghost": ("virtual_batch_size",),
-    "renorm": ("r_max", "d_max", "warmup_steps", "momentum", "sync_group_size"),
-    "group": ("num_groups",),
-    "frozen": (),
-    "auto": ("per_device_batch", "min_local_batch", "min_global_batch", "world_size", "virtual_batch_size",
-             "num_groups"),
-}
-"""Options each ``norm.kind`` accepts in the config (``NormConversion(kind, **options)``)."""
+__all__ = ["ConfigError", "validate_config", "norm_options", "WANDB_MODES"]
 
 WANDB_MODES = (None, "online", "offline", "disabled")
 _TASK_OF_DATA = {"DigitsDataModule": "classification", "ShapesDataModule": "detection"}
@@ -46,61 +35,35 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Rule:
+class _Key:
+    """A config key and the rule of its value."""
+
     key: str
-    check: Callable[[Any], bool]
-    expected: str
+    rule: rules.Rule
     required: bool = False
 
 
-def _int_at_least(n: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
-
-
-def _number_at_least(n: float, strict: bool = False) -> Callable[[Any], bool]:
-    def check(v: Any) -> bool:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return False
-        return v > n if strict else v >= n
-    return check
-
-
-def _one_of(values: Any) -> Callable[[Any], bool]:
-    return lambda v: v in values
+def _keys(prefix: str, *items: tuple[rules.Rule, bool]) -> tuple[_Key, ...]:
+    return tuple(_Key(f"{prefix}{rule.name}" if prefix else rule.name, rule, required) for rule, required in items)
 
 
 _COMMON_RULES = (
-    _Rule("data.batch_size", _int_at_least(1), "an int >= 1", required=True),
-    _Rule("norm.kind", lambda v: isinstance(v, str) and v.lower() in KINDS, f"one of {list(KINDS)}", required=True),
-    _Rule("norm.virtual_batch_size", _int_at_least(1), "an int >= 1"),
-    _Rule("norm.num_groups", _int_at_least(1), "an int >= 1 (lowered to the largest divisor of C)"),
-    _Rule("norm.r_max", _number_at_least(1.0), "a number >= 1"),
-    _Rule("norm.d_max", _number_at_least(0.0), "a number >= 0"),
-    _Rule("norm.warmup_steps", _int_at_least(0), "an int >= 0"),
-    _Rule("norm.momentum", lambda v: v is None or (_number_at_least(0.0, True)(v) and v <= 1), "null or in (0, 1]"),
-    _Rule("norm.min_local_batch", _int_at_least(1), "an int >= 1"),
-    _Rule("norm.min_global_batch", _int_at_least(1), "an int >= 1"),
-    _Rule("model.optimizer", _one_of(OPTIMIZERS), f"one of {list(OPTIMIZERS)}"),
-    _Rule("model.scheduler", _one_of(SCHEDULERS), f"one of {list(SCHEDULERS)}"),
-    _Rule("model.lr", _number_at_least(0.0, strict=True), "a number > 0"),
-    _Rule("model.weight_decay", _number_at_least(0.0), "a number >= 0"),
-    _Rule("trainer.use_distributed_sampler", _one_of((False,)),
-          "false (the data modules shard with their own DistributedSampler)"),
-    _Rule("trainer.sync_batchnorm", _one_of((False, None)), "false (the norm group converts the layers)"),
-    _Rule("logger.wandb.mode", _one_of(WANDB_MODES), "null (offline unless WANDB_API_KEY is set), online, offline "
-          "or disabled"),
+    *_keys("data.", (rules.int_at_least("batch_size", 1), True)),
+    *_keys("model.", (rules.one_of("optimizer", OPTIMIZERS), False), (rules.one_of("scheduler", SCHEDULERS), False),
+           (rules.number_above("lr", 0.0), False), (rules.number_at_least("weight_decay", 0.0), False)),
+    *_keys("trainer.", (rules.Rule("use_distributed_sampler", "false (the data modules shard with their own "
+                                   "DistributedSampler)", lambda v: v is False), False),
+           (rules.Rule("sync_batchnorm", "false (the norm group converts the layers)", lambda v: v in (False, None)),
+            False)),
+    *_keys("logger.wandb.", (rules.Rule("mode", "null (offline unless WANDB_API_KEY is set), online, offline or "
+                                        "disabled", lambda v: v in WANDB_MODES), False)),
 )
 
-_RESNET_RULES = (
-    _Rule("depth", _one_of(tuple(RESNET_DEPTHS)), f"one of {sorted(RESNET_DEPTHS)}", required=True),
-    _Rule("width", _int_at_least(1), "an int >= 1"),
-    _Rule("stem", _one_of(STEMS), f"one of {list(STEMS)}"),
-)
+_RESNET_RULES = _keys("", (rules.one_of("depth", tuple(sorted(RESNET_DEPTHS))), True),
+                      (rules.int_at_least("width", 1), False), (rules.one_of("stem", STEMS), False))
 
-_YOLO_RULES = (
-    _Rule("depth", _int_at_least(1), "an int >= 1 (residual units per CSP block)"),
-    _Rule("width", _int_at_least(1), "an int >= 1"),
-)
+_YOLO_RULES = _keys("", (rules.int_at_least("depth", 1, " (residual units per CSP block)"), False),
+                    (rules.int_at_least("width", 1), False))
 
 
 def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
@@ -118,19 +81,19 @@ def _short(target: Optional[str]) -> str:
     return (target or "").rsplit(".", 1)[-1]
 
 
-def _apply(cfg: DictConfig, rules: tuple[_Rule, ...], prefixes: tuple[str, ...], errors: list[str]) -> None:
-    for rule in rules:
+def _apply(cfg: DictConfig, keys: tuple[_Key, ...], prefixes: tuple[str, ...], errors: list[str]) -> None:
+    for item in keys:
         for prefix in prefixes:  # the first prefix holding the key is the one users override
-            key = f"{prefix}.{rule.key}" if prefix else rule.key
+            key = f"{prefix}.{item.key}" if prefix else item.key
             present, value = _select(cfg, key)
             if present:
-                if not rule.check(value):
-                    errors.append(f"{key}={value!r}: expected {rule.expected}")
+                if not item.rule.accepts(value):
+                    errors.append(f"{key}={value!r}: expected {item.rule.expected}")
                 break
         else:
-            if rule.required:
-                errors.append(f"{prefixes[0] + '.' if prefixes[0] else ''}{rule.key} is missing: expected "
-                              f"{rule.expected}")
+            if item.required:
+                errors.append(f"{prefixes[0] + '.' if prefixes[0] else ''}{item.key} is missing: expected "
+                              f"{item.rule.expected}")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -156,23 +119,44 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(_message(errors))
 
 
+def norm_options(kind: str) -> dict[str, rules.Rule]:
+    """The options ``norm.<option>`` a config may set for ``norm.kind=kind`` (a known conversion kind):
+    ``NormConversion``'s, i.e. the kind's options in the table of :mod:`syncnorm.factory` without
+    ``process_group`` (an object), plus ``sync_group_size`` for a kind that synchronizes."""
+    row = conversion_kind(kind, "norm.kind")
+    options = {k: r for k, r in row.options.items() if k != "process_group"}
+    if row.synchronizes:
+        options["sync_group_size"] = rules.SYNC_GROUP_SIZE
+    return options
+
+
 def _check_norm(cfg: DictConfig, errors: list[str]) -> None:
-    kind = str(cfg.norm.get("kind", "")).lower()
-    if kind not in NORM_OPTIONS:
+    kind = cfg.norm.get("kind")
+    if not isinstance(kind, str) or kind.lower() not in conversion_kinds():
+        errors.append(f"norm.kind={kind!r}: expected one of {conversion_kinds()}")
         return
-    given = [k for k in cfg.norm if not str(k).startswith("_") and k != "kind"]
-    unknown = sorted(set(given) - set(NORM_OPTIONS[kind]))
+    kind = kind.lower()
+    allowed = norm_options(kind)
+    given = {str(k): v for k, v in _node(cfg.norm).items() if not str(k).startswith("_") and k != "kind"}
+    unknown = sorted(set(given) - set(allowed))
     if unknown:
-        errors.append(f"norm.kind={kind!r} does not take {unknown}: its options are {list(NORM_OPTIONS[kind])}")
-    k = cfg.norm.get("sync_group_size")
-    if k is not None and (not isinstance(k, int) or k < 1):
-        errors.append(f"norm.sync_group_size={k!r}: expected null or an int >= 1 dividing the world size")
-    vbs, batch = cfg.norm.get("virtual_batch_size"), cfg.data.get("batch_size")
-    if kind == "ghost" and vbs is None:
-        errors.append("norm.virtual_batch_size is missing: ghost needs an int >= 1")
+        errors.append(f"norm.kind={kind!r} does not take {unknown}: its options are {list(allowed)}")
+    for key, value in given.items():
+        if key in allowed and not allowed[key].accepts(value):
+            errors.append(f"norm.{key}={value!r}: expected {allowed[key].expected}")
+    required = () if kind == AUTO else conversion_kind(kind, "norm.kind").required
+    for key in required:
+        if given.get(key) is None:
+            errors.append(f"norm.{key} is missing: {kind} needs {allowed[key].expected}")
+    vbs, batch = given.get("virtual_batch_size"), cfg.data.get("batch_size")
     if kind == "ghost" and isinstance(vbs, int) and isinstance(batch, int) and vbs > batch:
         errors.append(f"norm.virtual_batch_size={vbs} is larger than data.batch_size={batch}: expected <= {batch} "
                       "(a virtual batch is a slice of the per-device batch)")
+
+
+def _node(node: DictConfig) -> dict[str, Any]:
+    """A config node as a plain resolved dict."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def _check_model(cfg: DictConfig, errors: list[str]) -> None:
