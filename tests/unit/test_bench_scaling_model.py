@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from syncnorm.bench import memory, scaling
+from benchmarks import memory, scaling
 
 
 def test_fit_line_recovers_alpha_beta() -> None:

@@ -1,4 +1,4 @@
-"""One command for the benchmark suite: ``python -m syncnorm.bench all [--quick] [--out DIR]``.
+"""One command for the benchmark suite: ``python -m benchmarks all [--quick] [--out DIR]``.
 
 Sub-commands:
 
@@ -11,10 +11,10 @@ Sub-commands:
 * ``memory``: saved-for-backward bytes and peak memory per layer (one process, W=1).
 
 The multi-rank parts are started with ``python -m torch.distributed.run --standalone
---nproc_per_node=N -m syncnorm.bench.<part>``; each writes ``results.json`` and ``results.md`` into
+--nproc_per_node=N -m benchmarks.<part>``; each writes ``results.json`` and ``results.md`` into
 its own folder under ``--out`` and prints its tables, which this command passes through (and keeps in
 ``<part>/log.txt``). Arguments after ``--`` go to every sub-benchmark that is run, e.g.
-``python -m syncnorm.bench layer -- --channels 64 128``.
+``python -m benchmarks layer -- --channels 64 128``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="python -m syncnorm.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="parts of `all`: " + ", ".join(PARTS))
     p.add_argument("command", choices=list(COMMANDS), help="what to run")
@@ -84,8 +84,8 @@ def part_command(part: str, out: Path, quick: bool, nproc: int, extra: Sequence[
     """The command line that runs ``part`` with its results in ``out``."""
     args = list(QUICK_ARGS[part] if quick else FULL_ARGS[part]) + ["--out", str(out)] + list(extra)
     if part == "memory":
-        return [sys.executable, "-m", "syncnorm.bench.memory", *args]
-    module = "syncnorm.bench.step" if part.startswith("step_") else f"syncnorm.bench.{part}"
+        return [sys.executable, "-m", "benchmarks.memory", *args]
+    module = "benchmarks.step" if part.startswith("step_") else f"benchmarks.{part}"
     if part.startswith("step_"):
         args = ["--model", part.split("_", 1)[1], *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -94,7 +94,7 @@ def part_command(part: str, out: Path, quick: bool, nproc: int, extra: Sequence[
 
 def _env() -> dict[str, str]:
     """The sub-benchmarks' environment: this syncnorm on the path, one thread per rank, loopback."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])  # the repository: benchmarks/ and syncnorm/
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -236,9 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 entry["headline"] = [f"(could not summarize: {err!r})"]
         parts[part] = entry
     summary = {
-        "benchmark": "syncnorm.bench",
+        "benchmark": "benchmarks",
         "date": common.now_iso(),
-        "command": "python -m syncnorm.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
         "machine": machine,
         "loadavg_after": common.loadavg(),

@@ -2,7 +2,7 @@
 
 Run with torchrun (2 ranks for the synchronized variants; the W=1 part runs inside the same job)::
 
-    torchrun --nproc_per_node=2 -m syncnorm.bench.layer [--quick] [--out DIR]
+    torchrun --nproc_per_node=2 -m benchmarks.layer [--quick] [--out DIR]
 
 For every configuration (N, C, HxW) one iteration is ``y = layer(x); y.backward(dy)`` on a fixed
 input. Two parts:
@@ -31,7 +31,6 @@ Writes ``results.json`` and ``results.md`` into ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -73,7 +72,7 @@ TOL = 1e-4
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m syncnorm.bench.layer",
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m benchmarks.layer",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="C values (default: 64 256 1024)")
     p.add_argument("--spatial", type=int, nargs="+", default=list(SPATIAL), help="H=W values (default: 8 32)")
@@ -177,7 +176,7 @@ def build_forward(variant: str, c: int, device: torch.device, group: Any) -> tup
         m = nn.SyncBatchNorm(c, process_group=group)
         fwd = m
     else:
-        raise ValueError(f"syncnorm.bench.layer: unknown variant {variant!r}")
+        raise ValueError(f"benchmarks.layer: unknown variant {variant!r}")
     m.to(device).train()
     with torch.no_grad():  # non-trivial affine parameters, the same for every variant
         g = torch.Generator().manual_seed(c)
@@ -393,9 +392,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             parts["w1"] = run_part(args, "w1", W1_VARIANTS, sub, device)
         dist.barrier()
     return {
-        "benchmark": "syncnorm.bench.layer",
+        "benchmark": "benchmarks.layer",
         "date": common.now_iso(),
-        "command": "torchrun --nproc_per_node={} -m syncnorm.bench.layer {}".format(world, " ".join(sys.argv[1:])).strip(),
+        "command": "torchrun --nproc_per_node={} -m benchmarks.layer {}".format(world, " ".join(sys.argv[1:])).strip(),
         "config": {"channels": args.channels, "spatial": args.spatial, "batch": args.batch, "reps": args.reps,
                    "warmup": args.warmup, "block": args.block, "device": device.type, "quick": args.quick,
                    "seed": args.seed, "dtype": "float32", "check_tolerance": TOL},
@@ -417,35 +416,30 @@ def checks_passed(results: dict[str, Any]) -> bool:
     return all(v <= TOL for part in results["parts"].values() for r in part["rows"] for v in r["checks"].values())
 
 
+def report(results: dict[str, Any], out: Optional[Path]) -> None:
+    """Rank 0: print the tables, write ``results.json`` and ``results.md``."""
+    out = out or common.default_out() / "layer"
+    print_tables(results)
+    js, md = common.write_results(results, markdown(results), out)
+    ok = checks_passed(results)
+    print(f"wrote {js} and {md}" + ("" if ok else " (CHECK FAILED: syncnorm differs from the reference)"), flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print("syncnorm.bench.layer: expected to be started by torchrun, e.g. "
-              "`torchrun --nproc_per_node=2 -m syncnorm.bench.layer`", file=sys.stderr)
-        return 2
-    if args.device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        torch.set_num_threads(1)
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=900))
-    ok = True
-    try:
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+
+    def run_all() -> dict[str, Any]:
         results = run(args, device)
         results["summary"] = summary(results)
-        ok = checks_passed(results)
-        if dist.get_rank() == 0:
-            out = args.out or common.default_out() / "layer"
-            print_tables(results)
-            js, md = common.write_results(results, markdown(results), out)
-            print(f"wrote {js} and {md}" + ("" if ok else " (CHECK FAILED: syncnorm differs from the reference)"),
-                  flush=True)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0 if ok else 1
+        return results
+
+    results = common.run_under_torchrun("benchmarks.layer", run_all, lambda r: report(r, args.out),
+                                        backend="nccl" if cuda else "gloo", timeout_s=900, min_world=1)
+    if results is None:
+        return 2
+    return 0 if checks_passed(results) else 1
 
 
 if __name__ == "__main__":

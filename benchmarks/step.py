@@ -2,14 +2,14 @@
 
 Run with torchrun (one process per rank)::
 
-    torchrun --nproc_per_node=2 -m syncnorm.bench.step [--model resnet18|resnet50] [--steps 40] \\
+    torchrun --nproc_per_node=2 -m benchmarks.step [--model resnet18|resnet50] [--steps 40] \\
         [--batch 16] [--image 32] [--width 64] [--quick] [--out DIR]
 
 ResNet-50 (``--model resnet50``) keeps the standard channel layout (width 64: 53 batch-norm layers,
 26,560 channels, so the collectives have their real sizes) with small images and batches (default
 8 images of 16x16 per rank, small stem) so that one step takes about a second on a CPU rank.
 
-Variants (see :mod:`syncnorm.bench.variants`): ``local`` BatchNorm2d, ``floor`` (BatchNorm2d plus
+Variants (see :mod:`benchmarks.variants`): ``local`` BatchNorm2d, ``floor`` (BatchNorm2d plus
 syncnorm's collectives carrying zeros: the communication no synchronized BN avoids), ``syncnorm``
 and ``naive`` (autograd through a differentiable all_reduce). All start from the same weights, are
 wrapped in ``DistributedDataParallel`` and trained with SGD and cross-entropy on fixed random data
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import common, report
+from . import common
 from ._resnet import MODELS, bn_layers, build_model
 from .variants import VARIANTS, build_variant, count_collectives, expected_comm
 
@@ -52,13 +52,20 @@ GOAL_SYNC_OVER_FLOOR = 1.10
 LOSS_TOLERANCE = 1e-4
 NUM_CLASSES = 10
 NUM_BATCHES = 4  # distinct fixed batches per rank, cycled
+COLUMNS = (
+    "median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "mean_ms", "n_steps", "ratio_to_local",
+    "collectives_per_step", "bytes_per_step", "counted_collectives_per_step", "counted_bytes_per_step",
+)
+"""Keys of every variant's entry in ``results.json``."""
+
+
 MODEL_DEFAULTS = {"resnet18": (16, 32), "resnet50": (8, 16)}
 """(batch per rank, image side) per model: one ResNet-50 step stays around a second on 2 CPU ranks."""
 CHECK_STEPS = 2  # parity check: step 1 compares forwards, step 2 also the first update (backward)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m syncnorm.bench.step",
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m benchmarks.step",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18", choices=list(MODELS), help="network (default: resnet18)")
     p.add_argument("--width", type=int, default=64,
@@ -117,28 +124,6 @@ class _Runner:
         return loss.detach()
 
 
-def _time_interleaved(runners: dict[str, _Runner], steps: int, block: int) -> dict[str, list[float]]:
-    """Per-step wall times (s) of each variant on this rank, variants taking turns in blocks."""
-    times: dict[str, list[float]] = {v: [] for v in runners}
-    names = list(runners)
-    r = 0
-    while any(len(t) < steps for t in times.values()):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for v in order:
-            for _ in range(min(block, steps - len(times[v]))):
-                t0 = time.perf_counter()
-                runners[v].step()
-                times[v].append(time.perf_counter() - t0)
-        r += 1
-    return times
-
-
-def _max_over_ranks(values: Sequence[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def _count_step(runner: _Runner) -> dict[str, int]:
     with count_collectives() as log:
         runner.step()
@@ -158,12 +143,46 @@ def _parity_check(base: nn.Module, args: argparse.Namespace, data: list[tuple[Te
         t = torch.tensor(ls, dtype=torch.float64)
         dist.all_reduce(t)
         mean_losses[v] = [round(x / world, 6) for x in t.tolist()]
-    diff, pdiff = _max_over_ranks([diff, pdiff])
+    diff, pdiff = common.max_over_ranks([diff, pdiff])
     return {
         "loss_syncnorm": mean_losses["syncnorm"], "loss_naive": mean_losses["naive"],
         "max_abs_loss_diff": diff, "max_abs_param_diff": pdiff, "tolerance": LOSS_TOLERANCE,
         "steps": CHECK_STEPS, "passed": bool(diff <= LOSS_TOLERANCE),
     }
+
+
+def _measure(args: argparse.Namespace, base: nn.Module, data: list[tuple[Tensor, Tensor]]
+             ) -> tuple[dict[str, list[float]], list[float]]:
+    """Per-step times of every variant (max over ranks) and the counted collectives of one step."""
+    runners = {v: _Runner(base, v, args.lr, data) for v in VARIANTS}
+    for v in VARIANTS:
+        for _ in range(args.warmup):
+            runners[v].step()
+    times = common.time_interleaved({v: r.step for v, r in runners.items()}, args.steps, args.block)
+    flat = common.max_over_ranks([t for v in VARIANTS for t in times[v]])
+    times = {v: flat[i * args.steps:(i + 1) * args.steps] for i, v in enumerate(VARIANTS)}
+    counted = {v: _count_step(runners[v]) for v in VARIANTS}
+    counted_max = common.max_over_ranks([x for v in VARIANTS for x in (counted[v]["collectives"], counted[v]["bytes"])])
+    return times, counted_max
+
+
+def _variants(base: nn.Module, times: dict[str, list[float]], counted_max: list[float]) -> dict[str, Any]:
+    """Each variant's time statistics, ratio to ``local``, expected and counted collectives."""
+    variants: dict[str, Any] = {}
+    for i, v in enumerate(VARIANTS):
+        entry: dict[str, Any] = common.summarize_ms(times[v])
+        exp = expected_comm(base, v)
+        entry.update({
+            "collectives_per_step": exp["collectives"], "bytes_per_step": exp["bytes"],
+            "counted_collectives_per_step": int(counted_max[2 * i]),
+            "counted_bytes_per_step": int(counted_max[2 * i + 1]),
+            "times_ms": [round(t * 1e3, 3) for t in times[v]],
+        })
+        variants[v] = entry
+    local = variants["local"]["median_ms"]
+    for entry in variants.values():
+        entry["ratio_to_local"] = entry["median_ms"] / local
+    return variants
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,40 +195,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base, model_source = build_model(args.model, NUM_CLASSES, args.width)
     base.train()
     data = _make_data(args, rank)
-    runners = {v: _Runner(base, v, args.lr, data) for v in VARIANTS}
-
-    for v in VARIANTS:
-        for _ in range(args.warmup):
-            runners[v].step()
-    times = _time_interleaved(runners, args.steps, args.block)
-    flat = _max_over_ranks([t for v in VARIANTS for t in times[v]])
-    times = {v: flat[i * args.steps:(i + 1) * args.steps] for i, v in enumerate(VARIANTS)}
-
-    counted = {v: _count_step(runners[v]) for v in VARIANTS}
-    counted_max = _max_over_ranks([x for v in VARIANTS for x in (counted[v]["collectives"], counted[v]["bytes"])])
-    del runners
+    times, counted_max = _measure(args, base, data)
     correctness = _parity_check(base, args, data)
-
-    variants: dict[str, Any] = {}
-    for i, v in enumerate(VARIANTS):
-        entry: dict[str, Any] = report.summarize(times[v])
-        exp = expected_comm(base, v)
-        entry.update({
-            "collectives_per_step": exp["collectives"], "bytes_per_step": exp["bytes"],
-            "counted_collectives_per_step": int(counted_max[2 * i]),
-            "counted_bytes_per_step": int(counted_max[2 * i + 1]),
-            "times_ms": [round(t * 1e3, 3) for t in times[v]],
-        })
-        variants[v] = entry
-    local = variants["local"]["median_ms"]
-    for entry in variants.values():
-        entry["ratio_to_local"] = entry["median_ms"] / local
+    variants = _variants(base, times, counted_max)
     sync_floor = variants["syncnorm"]["median_ms"] / variants["floor"]["median_ms"]
     layers = bn_layers(base)
     return {
-        "benchmark": "syncnorm.bench.step",
+        "benchmark": "benchmarks.step",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "torchrun --nproc_per_node={} -m syncnorm.bench.step {}".format(world, " ".join(sys.argv[1:])),
+        "command": "torchrun --nproc_per_node={} -m benchmarks.step {}".format(world, " ".join(sys.argv[1:])),
         "config": {
             "model": args.model, "model_source": model_source, "width": args.width, "batch": args.batch,
             "image": args.image,
@@ -222,9 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {
             "syncnorm_over_floor": sync_floor, "goal_syncnorm_over_floor": GOAL_SYNC_OVER_FLOOR,
             "syncnorm_over_floor_ok": bool(sync_floor <= GOAL_SYNC_OVER_FLOOR),
-            "syncnorm_over_floor_paired": report.paired_ratio(times["syncnorm"], times["floor"], args.block),
+            "syncnorm_over_floor_paired": common.paired_ratio(times["syncnorm"], times["floor"], args.block),
             "syncnorm_over_naive": variants["syncnorm"]["median_ms"] / variants["naive"]["median_ms"],
-            "syncnorm_over_naive_paired": report.paired_ratio(times["syncnorm"], times["naive"], args.block),
+            "syncnorm_over_naive_paired": common.paired_ratio(times["syncnorm"], times["naive"], args.block),
             "floor_over_local": variants["floor"]["ratio_to_local"],
         },
         "correctness": correctness,
@@ -238,27 +232,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, v in results["variants"].items():
+        counted = v["counted_collectives_per_step"]
+        match = "" if counted == v["collectives_per_step"] and v["counted_bytes_per_step"] == v["bytes_per_step"] else " (!)"
+        rows.append([
+            name, f"{v['median_ms']:.1f}", f"{v['iqr_ms']:.1f}", f"{v['min_ms']:.1f}", f"{v['ratio_to_local']:.3f}",
+            str(v["collectives_per_step"]), common.fmt_bytes(v["bytes_per_step"]), f"{counted}{match}",
+        ])
+    return rows
+
+
+_HEADER = ["variant", "median ms", "IQR ms", "min ms", "x local", "coll/step", "bytes/step", "counted"]
+
+
+def _paired(p: dict[str, float]) -> str:
+    return f"paired by round: {p['median']:.3f} (range {p['min']:.2f}-{p['max']:.2f}, {p['rounds']} rounds)"
+
+
+def _summary_lines(results: dict[str, Any]) -> list[str]:
+    r, c = results["ratios"], results["correctness"]
+    goal = r["goal_syncnorm_over_floor"]
+    return [
+        f"model: {results['config']['model_source']}",
+        f"syncnorm / floor = {r['syncnorm_over_floor']:.3f} (goal <= {goal:.2f}: "
+        f"{'met' if r['syncnorm_over_floor_ok'] else 'NOT met'}); {_paired(r['syncnorm_over_floor_paired'])}",
+        f"syncnorm / naive = {r['syncnorm_over_naive']:.3f}; {_paired(r['syncnorm_over_naive_paired'])}",
+        f"check: losses syncnorm {c['loss_syncnorm']}, naive {c['loss_naive']} (rank mean per step)",
+        f"check: max |loss diff| {c['max_abs_loss_diff']:.2e} (tolerance {c['tolerance']:.0e}): "
+        f"{'PASSED' if c['passed'] else 'FAILED'}; max |param diff| after {c['steps']} steps "
+        f"{c['max_abs_param_diff']:.2e}",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, cfg, t = results["machine"], results["config"], results["timing"]
+    return "\n".join([
+        f"# Step-time benchmark: {cfg['model']}, {m['world_size']} ranks on {m['backend']}",
+        "",
+        f"- date: {results['date']}",
+        *common.machine_lines(m),
+        f"- model: {cfg['model_source']}; {cfg['bn_layers']} BN layers, {cfg['bn_channels']} channels",
+        f"- batch {cfg['batch']} per rank, {cfg['image']}x{cfg['image']} images, {cfg['warmup']} warm-up "
+        f"steps per variant, {cfg['steps']} timed steps per variant in blocks of {cfg['block']} "
+        f"(round-robin, rotating start)",
+        f"- load average (1 min) before/after: {t['loadavg_before']:.2f} / {t['loadavg_after']:.2f}; "
+        f"wall time {t['wall_s']:.1f} s",
+        f"- command: `{results['command']}`",
+        "",
+        common.markdown_table(_HEADER, _rows(results)),
+        "",
+        *[f"- {line}" for line in _summary_lines(results)],
+        "",
+        f"Timing: {t['method']}. Ratios are of medians; `paired by round` is the median over "
+        "rounds of the ratio of the two variants' block medians in that round (measured seconds "
+        "apart, so less sensitive to load that drifts during the run).",
+        "",
+        "Collectives: norm-layer collectives per step, payload bytes per rank (elements x element "
+        "size; a ring all-reduce moves about 2(W-1)/W times that). `counted` is the number seen at "
+        "run time by wrapping `torch.distributed.all_reduce` during one step ((!) = differs from the "
+        "analytic count). DDP's gradient buckets and buffer broadcasts are the same for every variant "
+        "and not included.",
+        "",
+    ])
+
+
+def report(results: dict[str, Any], out: Optional[Path]) -> None:
+    """Rank 0: print the table, write ``results.json`` and ``results.md``."""
+    cfg = results["config"]
+    title = (f"step time, {cfg['model']} batch {cfg['batch']}/rank {cfg['image']}x{cfg['image']}, "
+             f"{results['machine']['world_size']} ranks {results['machine']['backend']}, "
+             f"{cfg['steps']} steps/variant")
+    common.print_table(title, _HEADER, _rows(results), _summary_lines(results))
+    out = out or Path("benchmarks/results") / f"step_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    js, md = common.write_results(results, markdown(results), out)
+    print(f"wrote {js} and {md}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print("syncnorm.bench.step: expected to be started by torchrun, e.g. "
-              "`torchrun --nproc_per_node=2 -m syncnorm.bench.step`", file=sys.stderr)
+    results = common.run_under_torchrun("benchmarks.step", lambda: run(args), lambda r: report(r, args.out))
+    if results is None:
         return 2
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
-    try:
-        if dist.get_world_size() < 2:
-            raise RuntimeError(f"syncnorm.bench.step: expected a world size >= 2, got {dist.get_world_size()}")
-        results = run(args)
-        if dist.get_rank() == 0:
-            out = args.out or Path("benchmarks/results") / f"step_{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            report.print_table(results)
-            js, md = report.write_results(results, out)
-            print(f"wrote {js} and {md}", flush=True)
-        dist.barrier()
-    finally:
-        # a live gloo group at interpreter exit can abort the process: tear it down explicitly
-        dist.destroy_process_group()
     return 0 if results["correctness"]["passed"] else 1
 
 

@@ -1,5 +1,5 @@
 """Models for syncnorm's training app: ResNet classifiers, a small YOLO-style detector, detection ops,
-and the LightningModules that train them (:mod:`syncnorm.models.lit_module`).
+and the LightningModules that train them (:mod:`syncnorm.app.models.lit_module`).
 
 The LightningModules are imported lazily (on first access), so the networks and ops do not need
 pytorch-lightning.

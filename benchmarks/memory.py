@@ -2,7 +2,7 @@
 
 Run in one process (a one-rank gloo group is set up for the naive references)::
 
-    python -m syncnorm.bench.memory [--quick] [--out DIR]
+    python -m benchmarks.memory [--quick] [--out DIR]
 
 Two measurements per configuration (N, C, HxW) and variant:
 
@@ -67,7 +67,7 @@ FORMULA = [
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m syncnorm.bench.memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS))
     p.add_argument("--spatial", type=int, nargs="+", default=list(SPATIAL))
     p.add_argument("--batch", type=int, default=BATCH)
@@ -104,7 +104,7 @@ def build(variant: str, c: int, group: Any) -> tuple[Callable[[Tensor], Tensor],
         return (lambda x: naive_allgather_bn(x, m, group)), m
     if variant == "naive_allreduce":
         return (lambda x: naive_allreduce_bn(x, m, group)), m
-    raise ValueError(f"syncnorm.bench.memory: unknown variant {variant!r}")
+    raise ValueError(f"benchmarks.memory: unknown variant {variant!r}")
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:
@@ -202,9 +202,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              and cells["syncnorm"]["activation_copies"] == 0,
                              "variants": cells})
     return {
-        "benchmark": "syncnorm.bench.memory",
+        "benchmark": "benchmarks.memory",
         "date": common.now_iso(),
-        "command": "python -m syncnorm.bench.memory " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.memory " + " ".join(sys.argv[1:]),
         "config": {"channels": args.channels, "spatial": args.spatial, "batch": args.batch, "dtype": "float32",
                    "world_size": world},
         "machine": machine,

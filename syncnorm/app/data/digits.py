@@ -67,7 +67,7 @@ class DigitsDataModule(pl.LightningDataModule):
     The split is stratified per class and fixed by ``seed``. The training loader shards and
     shuffles with its own ``DistributedSampler(W, r, shuffle=True, seed=seed, drop_last=True)``
     built from the attached Trainer (``W = 1`` without one), so the data order does not depend on
-    the world size; validation is sharded without padding (see :mod:`syncnorm.data.sampling`).
+    the world size; validation is sharded without padding (see :mod:`syncnorm.app.data.sampling`).
     Run the Trainer with ``use_distributed_sampler=False``.
 
     Args:

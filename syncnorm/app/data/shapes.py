@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -171,12 +171,12 @@ class ShapesDataModule(pl.LightningDataModule):
     Batches are ``(images (B, 3, H, W), [ {"boxes", "labels"} ] * B)`` via :func:`collate_detection`.
     The training loader shards and shuffles with its own ``DistributedSampler(W, r, shuffle=True,
     seed=seed, drop_last=True)`` built from the attached Trainer (``W = 1`` without one); validation
-    is sharded without padding (see :mod:`syncnorm.data.sampling`). Run the Trainer with
+    is sharded without padding (see :mod:`syncnorm.app.data.sampling`). Run the Trainer with
     ``use_distributed_sampler=False``.
 
     Args:
         batch_size: samples per batch (per device). Default: 16.
-        image_size: square image side, at least 16 (a multiple of 16 for :class:`~syncnorm.models.YOLO`).
+        image_size: square image side, at least 16 (a multiple of 16 for :class:`~syncnorm.app.models.YOLO`).
             Default: 64.
         num_train: training images. Default: 512.
         num_val: validation images. Default: 128.

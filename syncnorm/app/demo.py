@@ -1,6 +1,6 @@
 """Minimal SyncBatchNorm demo: a small CNN on scikit-learn's digits, under torchrun, on CPU (gloo).
 
-    torchrun --standalone --nproc_per_node=2 -m syncnorm.demo --epochs 3
+    torchrun --standalone --nproc_per_node=2 -m syncnorm.app.demo --epochs 3
 
 Each rank trains on its half of every global batch; SyncBatchNorm makes the batch statistics those
 of the global batch. Prints the validation accuracy on rank 0. Without torchrun it runs in one
@@ -10,13 +10,11 @@ process (SyncBatchNorm is then plain batch norm).
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .layers import SyncBatchNorm
+from syncnorm import SyncBatchNorm, distributed
 
 
 def _digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,15 +45,13 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed:
-        dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    torch.set_num_threads(1 if distributed else torch.get_num_threads())
+    is_dist = distributed.init_from_launcher("gloo")  # torchrun's environment: join its process group
+    rank, world = distributed.rank(), distributed.world_size()
+    torch.set_num_threads(1 if is_dist else torch.get_num_threads())
     torch.manual_seed(args.seed)
     xt, yt, xv, yv = _digits(args.seed)
     model = _model()
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    net = nn.parallel.DistributedDataParallel(model) if is_dist else model
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
     global_batch = args.batch_size * world
     for epoch in range(args.epochs):
@@ -73,9 +69,7 @@ def main(argv: list[str] | None = None) -> float:
         if rank == 0:
             print(f"epoch {epoch}: loss {loss.item():.4f}  val accuracy {acc:.4f}  "
                   f"(world size {world}, global batch {global_batch})", flush=True)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.shutdown()
     return acc
 
 

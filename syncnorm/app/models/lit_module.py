@@ -12,7 +12,7 @@ Metrics (every one logged with ``sync_dist=True``):
   step, averaged over ranks: with equal per-rank batches this is the global batch's value;
 * ``val/loss`` and ``val/acc``: sums of per-sample loss and of correct predictions, and the sample
   count, reduced over ranks at epoch end, then divided: exact for uneven validation shards;
-* ``val/map50`` (detection): mAP at IoU 0.5 by :func:`syncnorm.models.ops.mean_average_precision`
+* ``val/map50`` (detection): mAP at IoU 0.5 by :func:`syncnorm.app.models.ops.mean_average_precision`
   on the *rank-gathered* predictions (every rank's detections and targets are collected with
   ``all_gather_object``), i.e. the mAP of the whole validation set, not an average of per-rank mAPs
   (AP does not average over subsets).
@@ -24,9 +24,10 @@ from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from syncnorm.distributed import gather_lists
 
 from .ops import mean_average_precision
 
@@ -117,7 +118,7 @@ class ClassificationModule(_Base):
 
     Example::
 
-        >>> from syncnorm.models import build_resnet
+        >>> from syncnorm.app.models import build_resnet
         >>> module = ClassificationModule(build_resnet(18, num_classes=10, width=4), lr=0.05, depth=18)
         >>> module.hparams.depth, module.hparams.lr
         (18, 0.05)
@@ -163,7 +164,7 @@ class DetectionModule(_Base):
     """Object detection with the YOLO-style detector's own loss and decoding.
 
     Args:
-        net: a :class:`~syncnorm.models.YOLO` (``forward``, ``loss(outputs, targets)``, ``decode``).
+        net: a :class:`~syncnorm.app.models.YOLO` (``forward``, ``loss(outputs, targets)``, ``decode``).
         optimizer: ``"sgd"`` or ``"adamw"``. Default: ``"adamw"``.
         lr: learning rate. Default: 2e-3.
         momentum: SGD momentum. Default: 0.9.
@@ -219,17 +220,8 @@ class DetectionModule(_Base):
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, count = self._reduce_sum(self._val_sums).tolist()
-        preds, targets = _gather_lists(self._preds), _gather_lists(self._targets)
+        preds, targets = gather_lists(self._preds), gather_lists(self._targets)
         map50 = mean_average_precision(preds, targets, iou_threshold=self.hparams.map_iou)
         self.log("val/loss", loss_sum / max(count, 1.0), prog_bar=True, sync_dist=True)
         self.log("val/map50", float(map50), prog_bar=True, sync_dist=True)
         self._preds, self._targets = [], []
-
-
-def _gather_lists(items: list[Any]) -> list[Any]:
-    """Concatenate every rank's list, in rank order (the list itself with one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]

@@ -12,18 +12,20 @@ data). Every broken rule is collected and reported at once by :class:`ConfigErro
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import rules
-from ..convert import AUTO, conversion_kind, conversion_kinds
-from ..models.lit_module import OPTIMIZERS, SCHEDULERS
-from ..models.resnet import RESNET_DEPTHS, STEMS
+from syncnorm import rules
+from syncnorm.convert import AUTO, conversion_kind, conversion_kinds
+from .models.lit_module import OPTIMIZERS, SCHEDULERS
+from .models.resnet import RESNET_DEPTHS, STEMS
 
-__all__ = ["ConfigError", "validate_config", "norm_options", "WANDB_MODES"]
+__all__ = ["ConfigError", "config_dir", "import_modules", "norm_options", "validate_config", "WANDB_MODES"]
 
 WANDB_MODES = (None, "online", "offline", "disabled")
 _TASK_OF_DATA = {"DigitsDataModule": "classification", "ShapesDataModule": "detection"}
@@ -32,6 +34,28 @@ _TASK_OF_MODEL = {"ClassificationModule": "classification", "DetectionModule": "
 
 class ConfigError(ValueError):
     """A composed config with invalid values; the message lists every problem."""
+
+
+def config_dir() -> Path:
+    """The folder of the app's Hydra configs (``train.yaml`` and the groups): the repository's
+    top-level ``conf/``. The one place the app looks for it; a user folder given with Hydra's
+    ``--config-dir`` is searched first and can add group options (a model, a norm)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def import_modules(names: Optional[Iterable[str]]) -> None:
+    """Import the config's ``imports`` (module names), before the config is checked: a module that
+    calls :func:`syncnorm.register_norm` makes its kind a valid ``norm.kind`` (in every process of the
+    run, since each one runs this).
+
+    Raises:
+        ConfigError: a module that cannot be imported.
+    """
+    for name in names or ():
+        try:
+            importlib.import_module(str(name))
+        except ImportError as err:
+            raise ConfigError(_message([f"imports: cannot import {name!r}: {err}"])) from err
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmarks: machine description, timing loops, tables and result files.
+"""The benchmarks' one shared CLI/report module: the torchrun entry boilerplate, machine
+description, timing loops, statistics, tables and result files.
 
-Nothing here starts processes; the multi-rank benchmarks are ``torchrun`` entry points and
-:mod:`syncnorm.bench.__main__` launches them with ``python -m torch.distributed.run``.
+Nothing here starts processes; the multi-rank benchmarks are ``torchrun`` entry points
+(:func:`run_under_torchrun`) and :mod:`benchmarks.__main__` launches them with
+``python -m torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-from . import report
 
 __all__ = [
     "now_iso",
@@ -27,6 +29,7 @@ __all__ = [
     "machine_info",
     "machine_lines",
     "summarize_ms",
+    "paired_ratio",
     "time_interleaved",
     "max_over_ranks",
     "print_table",
@@ -34,6 +37,7 @@ __all__ = [
     "write_results",
     "fmt_bytes",
     "fmt_ratio",
+    "run_under_torchrun",
 ]
 
 
@@ -60,11 +64,36 @@ def loadavg() -> list[float]:
         return []
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_info(world_size: int = 1, backend: Optional[str] = None) -> dict[str, Any]:
-    """:func:`syncnorm.bench.report.machine_info` plus the load average at the time of the call."""
-    info = report.machine_info(world_size, backend or "none")
-    info["loadavg"] = loadavg()
-    return info
+    """Platform, CPU model (``/proc/cpuinfo``), cores, torch and Python versions, world size, backend,
+    threads per rank, and the load average at the time of the call."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "world_size": world_size,
+        "backend": backend or "none",
+        "threads_per_rank": torch.get_num_threads(),
+        "loadavg": loadavg(),
+    }
 
 
 def machine_lines(m: Mapping[str, Any]) -> list[str]:
@@ -79,8 +108,30 @@ def machine_lines(m: Mapping[str, Any]) -> list[str]:
 
 
 def summarize_ms(times_s: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, IQR, min and mean in milliseconds (see :func:`report.summarize`)."""
-    return report.summarize(times_s)
+    """Median, quartiles (inclusive method), IQR, min and mean of times in seconds, in milliseconds."""
+    ms = sorted(t * 1e3 for t in times_s)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return {
+        "median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+        "min_ms": ms[0], "mean_ms": statistics.fmean(ms), "n_steps": len(ms),
+    }
+
+
+def paired_ratio(num_s: Sequence[float], den_s: Sequence[float], block: int) -> dict[str, float]:
+    """Ratio of two interleaved variants, paired by round: less sensitive to slow load drifts.
+
+    Step ``i`` of every variant ran in round ``i // block`` (the variants take turns in blocks), so
+    the block medians of one round were measured seconds apart. Returns the median over rounds of
+    ``median(num block) / median(den block)``, with the smallest and largest round ratio.
+    """
+    ratios = []
+    for start in range(0, min(len(num_s), len(den_s)), block):
+        a, b = num_s[start:start + block], den_s[start:start + block]
+        ratios.append(statistics.median(a) / statistics.median(b))
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], reps: int, block: int) -> dict[str, list[float]]:
@@ -169,5 +220,35 @@ def write_results(results: Mapping[str, Any], markdown: str, out_dir: Path) -> t
     return js, md
 
 
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
+def run_under_torchrun(prog: str, run: Callable[[], dict[str, Any]], report: Callable[[dict[str, Any]], None],
+                       *, backend: str = "gloo", timeout_s: float = 600.0,
+                       min_world: int = 2) -> Optional[dict[str, Any]]:
+    """The multi-rank benchmarks' ``main``: join torchrun's process group, ``run()`` on every rank,
+    ``report(results)`` on rank 0, then a barrier and an explicit teardown (a live gloo group at
+    interpreter exit can abort the process). Returns the results, or ``None`` (with a message)
+    when not started by torchrun.
+
+    Args:
+        prog: the module, for messages (``benchmarks.step``).
+        backend: ``gloo`` (one thread per rank) or ``nccl`` (the rank's ``LOCAL_RANK`` GPU).
+        min_world: the smallest world size the benchmark accepts.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print(f"{prog}: expected to be started by torchrun, e.g. `torchrun --nproc_per_node=2 -m {prog}`",
+              file=sys.stderr)
+        return None
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        if dist.get_world_size() < min_world:
+            raise RuntimeError(f"{prog}: expected a world size >= {min_world}, got {dist.get_world_size()}")
+        results = run()
+        if dist.get_rank() == 0:
+            report(results)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return results

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..factory import NormSpec, get_norm_layer
+from syncnorm.factory import NormSpec, get_norm_layer
 from .ops import batched_nms, box_cxcywh_to_xyxy, generalized_box_iou_loss
 
 __all__ = ["ConvNormAct", "CSPBlock", "YOLO"]

@@ -13,7 +13,7 @@ Two stems are offered: ``"imagenet"`` (7x7 conv, stride 2, then a 3x3 max pool; 
 Example::
 
     >>> import torch
-    >>> from syncnorm.models import build_resnet
+    >>> from syncnorm.app.models import build_resnet
     >>> model = build_resnet(18, num_classes=10, width=8, stem="small")
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
-from ..factory import NormSpec, get_norm_layer
+from syncnorm.factory import NormSpec, get_norm_layer
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "build_resnet", "RESNET_DEPTHS"]
 

@@ -1,6 +1,6 @@
 """OmegaConf resolvers used by ``conf/``: process counts from the launcher, a run id shared by ranks.
 
-Registered by :func:`register_resolvers` (idempotent), which :mod:`syncnorm.train` calls on import,
+Registered by :func:`register_resolvers` (idempotent), which :mod:`syncnorm.app.train` calls on import,
 before Hydra composes the config:
 
 * ``${syncnorm.devices:<default>}``: processes on this node, from the launcher when there is one:

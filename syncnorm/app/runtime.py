@@ -1,4 +1,4 @@
-"""Building the run's objects from config nodes, loading weights, reporting, distributed teardown."""
+"""Building the run's objects from config nodes, loading weights, reporting, the torchrun-restart setup."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights", "report_outputs", "shutdown_distributed"]
+from syncnorm import distributed
+
+__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
+           "report_outputs", "resolved_container", "to_float_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -133,31 +135,12 @@ def init_distributed_after_restart(accelerator: str) -> bool:
     Does nothing on the first attempt or outside torchrun. Returns whether it initialized the group.
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or "MASTER_ADDR" not in os.environ or dist.is_initialized():
+    if attempt == 0 or "MASTER_ADDR" not in os.environ or distributed.is_distributed():
         return False
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(rank == 0 and not agent_store), multi_tenant=not agent_store)
     backend = "nccl" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=dist.PrefixStore(f"/syncnorm/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
+    distributed.init_on_fresh_store(f"/syncnorm/attempt_{attempt}", backend)
     log.info("torchrun restart %d: process group re-created on a fresh store prefix", attempt)
     return True
-
-
-def shutdown_distributed(success: bool) -> None:
-    """End the run's process group, if one is alive: a barrier (on success), then
-    ``destroy_process_group``. Without it, gloo can abort at interpreter exit with "terminate called
-    without an active exception" while the group is still alive. After a failure the barrier is
-    skipped (a peer may never reach it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        if success:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:

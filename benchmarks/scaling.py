@@ -2,7 +2,7 @@
 
 Run with torchrun (2 ranks)::
 
-    torchrun --nproc_per_node=2 -m syncnorm.bench.scaling [--quick] [--out DIR]
+    torchrun --nproc_per_node=2 -m benchmarks.scaling [--quick] [--out DIR]
 
 1. Measure: ``all_reduce`` and ``all_gather`` (``all_gather_into_tensor``) of float32 tensors of
    2^4 .. 2^20 bytes per rank on the job's backend; per size the median over many back-to-back
@@ -39,9 +39,7 @@ Writes ``results.json``, ``results.md`` and ``scaling.png`` into ``--out`` (defa
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
 import sys
 import time
 import warnings
@@ -62,7 +60,7 @@ PASSES = 4
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m syncnorm.bench.scaling",
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=2 -m benchmarks.scaling",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=None,
                    help="timed samples per size and collective (default: 60; --quick: 8)")
@@ -87,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def resnet50_channels() -> list[int]:
     """Channel count of every batch-norm layer of ResNet-50, in module order (53 layers)."""
-    from syncnorm.models.resnet import build_resnet
+    from syncnorm.app.models.resnet import build_resnet
 
     model = build_resnet(50, num_classes=10, norm=nn.BatchNorm2d)
     return [m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -365,6 +363,33 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FORMULAS = {
+    "ring": "ring: all_reduce(n) = 2(W-1) a + 2(W-1)/W n b; all_gather(n per rank) = (W-1) a + (W-1)/W (W n) b",
+    "tree": "tree (recursive halving/doubling): all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b; "
+            "all_gather(n per rank) = log2(W) a + (W-1)/W (W n) b",
+    "mixed": "mixed: all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b (tree); all_gather(n per rank) = "
+             "(W-1) a + (W-1)/W (W n) b (ring), as NCCL offers a tree only for all_reduce",
+}
+"""The alpha-beta cost formulas of the three algorithm models (see the module docstring)."""
+
+
+METHOD = [
+    "per size and collective: 2 warm-up calls, then samples of `calls_per_sample` back-to-back calls "
+    "(time.perf_counter around the block, divided by the calls), max-reduced over ranks, median over "
+    "samples; sizes visited in `passes` interleaved passes; float32 tensors of 2^4..2^max bytes per rank",
+    "fit: ordinary least squares t = alpha + beta * bytes per collective over all sizes",
+    "per-link constants: at W ranks the ring formulas give all_reduce = 2(W-1) a + 2(W-1)/W n b and "
+    "all_gather = (W-1) a + (W-1) n b; inverted at the measured W (at W=2 ring and tree coincide)",
+    FORMULAS["ring"], FORMULAS["tree"], FORMULAS["mixed"],
+    "per-step cost = sum over ResNet-50's 53 BN layers of the scheme's collectives; compute, overlap "
+    "and DDP's gradient buckets are not included; the latency a includes gloo's per-call software "
+    "overhead on this machine (loopback), not a cluster network's",
+    "check: each scheme's per-step sequence of collectives with the real sizes, timed at the job's W, "
+    "against the model at that W",
+]
+"""How the numbers were obtained (written into the results)."""
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -388,17 +413,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     world_sizes = sorted({world, *WORLD_SIZES[1:]})
     proj = {m: project(link, channels, world_sizes, m) for m in MODELS}
     check = measure_step_sequences(channels, args.step_reps)
-    formulas = {
-        "ring": "ring: all_reduce(n) = 2(W-1) a + 2(W-1)/W n b; all_gather(n per rank) = (W-1) a + (W-1)/W (W n) b",
-        "tree": "tree (recursive halving/doubling): all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b; "
-                "all_gather(n per rank) = log2(W) a + (W-1)/W (W n) b",
-        "mixed": "mixed: all_reduce(n) = 2 log2(W) a + 2(W-1)/W n b (tree); all_gather(n per rank) = "
-                 "(W-1) a + (W-1)/W (W n) b (ring), as NCCL offers a tree only for all_reduce",
-    }
     return {
-        "benchmark": "syncnorm.bench.scaling",
+        "benchmark": "benchmarks.scaling",
         "date": common.now_iso(),
-        "command": "torchrun --nproc_per_node={} -m syncnorm.bench.scaling {}".format(world, " ".join(sys.argv[1:])).strip(),
+        "command": "torchrun --nproc_per_node={} -m benchmarks.scaling {}".format(world, " ".join(sys.argv[1:])).strip(),
         "config": {"reps": args.reps, "reps_above_64KiB": max(6, args.reps // 3), "passes": PASSES,
                    "calls_per_sample": args.block, "step_reps": args.step_reps,
                    "sizes_log2": [MIN_LOG2, args.max_log2], "dtype": "float32", "quick": args.quick},
@@ -414,54 +432,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "projection": proj,
         "projection_step_bytes_per_rank": {s: sum(n for _, n, _ in scheme_collectives(s, channels)) for s in SCHEMES},
         "check_w2": check,
-        "formulas": formulas,
+        "formulas": FORMULAS,
         "schemes": {
             "syncnorm": "per layer: all_reduce (2C+3)*8 B (fwd, float64 [sig, sig^2, count, sum, sumsq]) + all_reduce 2C*4 B (bwd)",
             "torch": "per layer: all_gather (2C+1)*4 B per rank -> W(2C+1)*4 B (fwd: mean, invstd, count) + all_reduce 2C*4 B (bwd)",
             "naive": "per layer: all_reduce (2C+1)*4 B (fwd statistics) + all_reduce (2C+1)*4 B (their gradient, bwd)",
         },
-        "method": [
-            "per size and collective: 2 warm-up calls, then samples of `calls_per_sample` back-to-back calls "
-            "(time.perf_counter around the block, divided by the calls), max-reduced over ranks, median over "
-            "samples; sizes visited in `passes` interleaved passes; float32 tensors of 2^4..2^max bytes per rank",
-            "fit: ordinary least squares t = alpha + beta * bytes per collective over all sizes",
-            "per-link constants: at W ranks the ring formulas give all_reduce = 2(W-1) a + 2(W-1)/W n b and "
-            "all_gather = (W-1) a + (W-1) n b; inverted at the measured W (at W=2 ring and tree coincide)",
-            formulas["ring"], formulas["tree"], formulas["mixed"],
-            "per-step cost = sum over ResNet-50's 53 BN layers of the scheme's collectives; compute, overlap "
-            "and DDP's gradient buckets are not included; the latency a includes gloo's per-call software "
-            "overhead on this machine (loopback), not a cluster network's",
-            "check: each scheme's per-step sequence of collectives with the real sizes, timed at the job's W, "
-            "against the model at that W",
-        ],
+        "method": METHOD,
         "timing": {"loadavg_before": load_before, "loadavg_after": common.loadavg(),
                    "wall_s": time.perf_counter() - wall0},
     }
 
 
+def report(results: dict[str, Any], out: Optional[Path]) -> None:
+    """Rank 0: the plot, the tables, ``results.json`` and ``results.md``."""
+    out = out or common.default_out() / "scaling"
+    results["plot"] = str(plot(results, out / "scaling.png"))
+    for title, header, rows, notes in tables(results):
+        common.print_table(title, header, rows, notes)
+    js, md = common.write_results(results, markdown(results), out)
+    print(f"wrote {js}, {md} and {results['plot']}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print("syncnorm.bench.scaling: expected to be started by torchrun, e.g. "
-              "`torchrun --nproc_per_node=2 -m syncnorm.bench.scaling`", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
-    try:
-        if dist.get_world_size() < 2:
-            raise RuntimeError(f"syncnorm.bench.scaling: expected a world size >= 2, got {dist.get_world_size()}")
-        results = run(args)
-        if dist.get_rank() == 0:
-            out = args.out or common.default_out() / "scaling"
-            results["plot"] = str(plot(results, out / "scaling.png"))
-            for title, header, rows, notes in tables(results):
-                common.print_table(title, header, rows, notes)
-            js, md = common.write_results(results, markdown(results), out)
-            print(f"wrote {js}, {md} and {results['plot']}", flush=True)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0
+    results = common.run_under_torchrun("benchmarks.scaling", lambda: run(args), lambda r: report(r, args.out))
+    return 2 if results is None else 0
 
 
 if __name__ == "__main__":

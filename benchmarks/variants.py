@@ -173,7 +173,7 @@ def build_variant(base: nn.Module, variant: str) -> nn.Module:
         ValueError: an unknown variant name.
     """
     if variant not in _CONVERTERS:
-        raise ValueError(f"syncnorm.bench: expected a variant in {list(VARIANTS)}, got {variant!r}")
+        raise ValueError(f"benchmarks: expected a variant in {list(VARIANTS)}, got {variant!r}")
     model = _CONVERTERS[variant](copy.deepcopy(base))
     return model
 
@@ -194,7 +194,7 @@ def expected_comm(model: nn.Module, variant: str, stats_bytes: int = 4) -> dict[
     elif variant == "naive":
         per_layer = [[(2 * c + 1) * 4, (2 * c + 1) * 4] for c in channels]
     else:
-        raise ValueError(f"syncnorm.bench: expected a variant in {list(VARIANTS)}, got {variant!r}")
+        raise ValueError(f"benchmarks: expected a variant in {list(VARIANTS)}, got {variant!r}")
     sizes = [b for layer in per_layer for b in layer]
     return {"collectives": len(sizes), "bytes": sum(sizes)}
 

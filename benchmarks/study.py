@@ -1,6 +1,6 @@
 """The small-batch study: which normalization survives 2 samples per device?
 
-    python -m syncnorm.bench.study [--seeds 3] [--epochs 3] [--quick] [--out DIR] [--wandb]
+    python -m benchmarks.study [--seeds 3] [--epochs 3] [--quick] [--out DIR] [--wandb]
 
 Runs the training application (``python -m syncnorm.train experiment=small_batch_study``) on
 scikit-learn's digits with the project's ResNet-18, same seed, data order and epochs for every
@@ -128,7 +128,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m syncnorm.bench.study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 epoch of 20 batches, 3 methods")
