@@ -22,7 +22,7 @@ Run with torchrun (2 ranks)::
    so the fit gives ``a = alpha / k`` and ``b = beta`` for each collective, used for that collective
    at every W.
 4. Project the per-step synchronization cost of ResNet-50's batch-norm layout (channel counts of
-   ``syncnorm.models.resnet.build_resnet(50)``: 53 layers, 26,560 channels) for
+   ``syncnorm.app.models.resnet.build_resnet(50)``: 53 layers, 26,560 channels) for
    W = 2, 8, 16, ..., 1024, under three schemes, per layer:
 
    * ``syncnorm``: all_reduce of (2C+3)*8 bytes (forward) + all_reduce of 2C*4 bytes (backward)
