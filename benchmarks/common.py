@@ -38,6 +38,7 @@ __all__ = [
     "fmt_bytes",
     "fmt_ratio",
     "run_under_torchrun",
+    "fill_defaults",
 ]
 
 
@@ -218,6 +219,14 @@ def write_results(results: Mapping[str, Any], markdown: str, out_dir: Path) -> t
     js.write_text(json.dumps(results, indent=2) + "\n")
     md.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
     return js, md
+
+
+def fill_defaults(args: Any, **defaults: tuple[Any, Any]) -> Any:
+    """Set each option left ``None`` on the command line to its ``(full, quick)`` default, by ``--quick``."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
 
 
 def run_under_torchrun(prog: str, run: Callable[[], dict[str, Any]], report: Callable[[dict[str, Any]], None],

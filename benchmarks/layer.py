@@ -87,9 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few iterations, for a smoke test")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<date>/layer)")
     args = p.parse_args(argv)
-    args.reps = args.reps if args.reps is not None else (3 if args.quick else 30)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    args.block = args.block if args.block is not None else (3 if args.quick else 5)
+    common.fill_defaults(args, reps=(30, 3), warmup=(3, 1), block=(5, 3))
     for name in ("reps", "block", "batch"):
         if getattr(args, name) < 1:
             p.error(f"expected --{name} >= 1, got {getattr(args, name)}")

@@ -72,9 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few repetitions, for a smoke test")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<date>/scaling)")
     args = p.parse_args(argv)
-    args.reps = args.reps if args.reps is not None else (8 if args.quick else 60)
-    args.step_reps = args.step_reps if args.step_reps is not None else (2 if args.quick else 15)
-    args.block = args.block if args.block is not None else (4 if args.quick else 8)
+    common.fill_defaults(args, reps=(60, 8), step_reps=(15, 2), block=(8, 4))
     if args.reps < 2 or args.step_reps < 1 or args.block < 1 or not MIN_LOG2 < args.max_log2 <= 26:
         p.error("expected --reps >= 2, --step-reps >= 1, --block >= 1 and 4 < --max-log2 <= 26")
     return args

@@ -84,11 +84,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: benchmarks/results/step_<date>)")
     args = p.parse_args(argv)
-    args.steps = args.steps if args.steps is not None else (2 if args.quick else 40)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     batch, image = MODEL_DEFAULTS[args.model]
-    args.batch = args.batch if args.batch is not None else (max(2, batch // 2) if args.quick else batch)
-    args.image = args.image if args.image is not None else image
+    common.fill_defaults(args, steps=(40, 2), warmup=(3, 1), batch=(batch, max(2, batch // 2)), image=(image, image))
     for name in ("steps", "block", "batch", "image", "width"):
         if getattr(args, name) < 1:
             p.error(f"expected --{name} >= 1, got {getattr(args, name)}")

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from .sampling import train_sampler, val_shard
+from .sampling import ShardedDataModule
 
 __all__ = ["DigitsDataModule", "load_digits_tensors", "stratified_split"]
 
@@ -61,7 +60,7 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
     return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(ShardedDataModule):
     """LightningDataModule over scikit-learn's 8x8 digits (1797 samples, 10 classes).
 
     The split is stratified per class and fixed by ``seed``. The training loader shards and
@@ -87,39 +86,22 @@ class DigitsDataModule(pl.LightningDataModule):
 
     num_classes = 10
 
-    def __init__(
-        self,
-        batch_size: int = 32,
-        image_size: int = 8,
-        channels: int = 1,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        num_workers: int = 0,
-        normalize: bool = True,
-    ) -> None:
-        super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"DigitsDataModule: expected batch_size >= 1, got {batch_size!r}")
+    def __init__(self, batch_size: int = 32, image_size: int = 8, channels: int = 1, val_fraction: float = 0.2,
+                 seed: int = 0, num_workers: int = 0, normalize: bool = True) -> None:
+        super().__init__(batch_size, seed, num_workers)
         if not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"DigitsDataModule: expected image_size >= 8, got {image_size!r}")
         if channels not in (1, 3):
             raise ValueError(f"DigitsDataModule: expected channels in [1, 3], got {channels!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"DigitsDataModule: expected val_fraction in [0, 1), got {val_fraction!r}")
-        if num_workers < 0:
-            raise ValueError(f"DigitsDataModule: expected num_workers >= 0, got {num_workers!r}")
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.image_size = image_size
         self.in_channels = channels
         self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.normalize = normalize
         self.mean: Optional[float] = None
         self.std: Optional[float] = None
-        self.train_dataset: Optional[TensorDataset] = None
-        self.val_dataset: Optional[TensorDataset] = None
 
     def _transform(self, images: Tensor) -> Tensor:
         if self.normalize:
@@ -141,24 +123,3 @@ class DigitsDataModule(pl.LightningDataModule):
         self.std = float(images[train_idx].std())
         self.train_dataset = TensorDataset(self._transform(images[train_idx]), labels[train_idx])
         self.val_dataset = TensorDataset(self._transform(images[val_idx]), labels[val_idx])
-
-    def _loader(self, dataset: Optional[TensorDataset], train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule: call setup() before asking for a dataloader")
-        trainer = getattr(self, "trainer", None)
-        return DataLoader(
-            dataset if train else val_shard(dataset, trainer),
-            batch_size=self.batch_size,
-            sampler=train_sampler(dataset, trainer, self.seed) if train else None,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """This rank's shard of the seeded permutation, ``drop_last=True``."""
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """In order; this rank's samples ``r, r + W, ...`` (every sample when ``W == 1``)."""
-        return self._loader(self.val_dataset, train=False)

@@ -19,11 +19,12 @@ counted twice; the LightningModules sum their metrics over ranks, which is exact
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from torch.utils.data import Dataset, DistributedSampler, Subset
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-__all__ = ["world_and_rank", "train_sampler", "val_shard"]
+__all__ = ["ShardedDataModule", "world_and_rank", "train_sampler", "val_shard"]
 
 
 def world_and_rank(trainer: Optional[Any]) -> tuple[int, int]:
@@ -52,3 +53,54 @@ def val_shard(dataset: Dataset, trainer: Optional[Any]) -> Dataset:
     if world == 1:
         return dataset
     return Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+class ShardedDataModule(pl.LightningDataModule):
+    """The data modules' common part: argument checks, and loaders that shard as described above.
+
+    Subclasses set ``train_dataset``/``val_dataset`` (in ``__init__`` or ``setup``) and may set
+    ``collate_fn``.
+
+    Args:
+        batch_size: samples per batch (per device), >= 1.
+        seed: seed of the training order (the same on every rank).
+        num_workers: ``DataLoader`` workers, >= 0.
+
+    Raises:
+        ValueError: ``batch_size < 1`` or ``num_workers < 0`` (the message names the subclass).
+    """
+
+    collate_fn: Optional[Callable[[list], Any]] = None
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{name}: expected batch_size >= 1, got {batch_size!r}")
+        if num_workers < 0:
+            raise ValueError(f"{name}: expected num_workers >= 0, got {num_workers!r}")
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        trainer = getattr(self, "trainer", None)
+        return DataLoader(
+            dataset if train else val_shard(dataset, trainer),
+            batch_size=self.batch_size,
+            sampler=train_sampler(dataset, trainer, self.seed) if train else None,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's shard of the seeded permutation, ``drop_last=True``."""
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """In order; this rank's samples ``r, r + W, ...`` (every sample when ``W == 1``)."""
+        return self._loader(self.val_dataset, train=False)

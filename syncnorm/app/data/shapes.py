@@ -21,12 +21,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .sampling import train_sampler, val_shard
+from .sampling import ShardedDataModule
 
 __all__ = ["CLASS_NAMES", "ShapesDataset", "ShapesDataModule", "collate_detection"]
 
@@ -85,18 +84,9 @@ class ShapesDataset(Dataset):
         ValueError: an argument outside its range.
     """
 
-    def __init__(
-        self,
-        num_images: int,
-        image_size: int = 64,
-        num_classes: int = 2,
-        min_objects: int = 1,
-        max_objects: int = 4,
-        seed: int = 0,
-        split: str = "train",
-        noise: float = 0.08,
-        max_overlap: float = 0.3,
-    ) -> None:
+    def __init__(self, num_images: int, image_size: int = 64, num_classes: int = 2, min_objects: int = 1,
+                 max_objects: int = 4, seed: int = 0, split: str = "train", noise: float = 0.08,
+                 max_overlap: float = 0.3) -> None:
         if num_images < 0:
             raise ValueError(f"ShapesDataset: expected num_images >= 0, got {num_images!r}")
         if image_size < 16:
@@ -165,7 +155,7 @@ def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> tupl
     return images, [target for _, target in batch]
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class ShapesDataModule(ShardedDataModule):
     """LightningDataModule over :class:`ShapesDataset` (train and val drawn from separate streams).
 
     Batches are ``(images (B, 3, H, W), [ {"boxes", "labels"} ] * B)`` via :func:`collate_detection`.
@@ -196,52 +186,17 @@ class ShapesDataModule(pl.LightningDataModule):
     """
 
     in_channels = 3
+    collate_fn = staticmethod(collate_detection)
 
-    def __init__(
-        self,
-        batch_size: int = 16,
-        image_size: int = 64,
-        num_train: int = 512,
-        num_val: int = 128,
-        num_classes: int = 2,
-        min_objects: int = 1,
-        max_objects: int = 4,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"ShapesDataModule: expected batch_size >= 1, got {batch_size!r}")
-        if num_workers < 0:
-            raise ValueError(f"ShapesDataModule: expected num_workers >= 0, got {num_workers!r}")
+    def __init__(self, batch_size: int = 16, image_size: int = 64, num_train: int = 512, num_val: int = 128,
+                 num_classes: int = 2, min_objects: int = 1, max_objects: int = 4, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__(batch_size, seed, num_workers)
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.image_size = image_size
         self.num_classes = num_classes
-        self.num_workers = num_workers
-        self.seed = seed
         options = dict(image_size=image_size, num_classes=num_classes, min_objects=min_objects,
                        max_objects=max_objects, seed=seed)
         # datasets are lazy, so building them here is free and validates the arguments early
         self.train_dataset = ShapesDataset(num_train, split="train", **options)
         self.val_dataset = ShapesDataset(num_val, split="val", **options)
-
-    def _loader(self, dataset: ShapesDataset, train: bool) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        return DataLoader(
-            dataset if train else val_shard(dataset, trainer),
-            batch_size=self.batch_size,
-            sampler=train_sampler(dataset, trainer, self.seed) if train else None,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate_detection,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """This rank's shard of the seeded permutation, ``drop_last=True``."""
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """In order; this rank's samples ``r, r + W, ...`` (every sample when ``W == 1``)."""
-        return self._loader(self.val_dataset, train=False)

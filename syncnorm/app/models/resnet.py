@@ -44,13 +44,13 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm pairs with an identity (or projected) shortcut; ResNet-18/34's block.
+class _ResidualBlock(nn.Module):
+    """``relu(residual(x) + shortcut(x))``: the frame of both ResNet blocks.
 
     Args:
         inplanes: input channels.
-        planes: output channels (``expansion = 1``).
-        stride: stride of the first conv (and of the projection). Default: 1.
+        planes: the block's width; it outputs ``planes * expansion`` channels.
+        stride: stride of the block's strided conv (and of the projection). Default: 1.
         downsample: projection applied to the shortcut when shapes differ. Default: ``None``.
         norm_layer: ``make(num_features) -> nn.Module``. Default: ``nn.BatchNorm2d``.
     """
@@ -66,47 +66,52 @@ class BasicBlock(nn.Module):
         norm_layer: NormMaker = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
+        self._build(inplanes, planes, stride, norm_layer)  # torchvision's names, in its order
+        self.downsample = downsample
+        self.stride = stride
+
+    def _build(self, inplanes: int, planes: int, stride: int, norm_layer: NormMaker) -> None:
+        raise NotImplementedError
+
+    def _residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def last_norm(self) -> nn.Module:
+        """The norm layer just before the residual sum (zero-initialised on request)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self._residual(x) + identity)
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 conv-norm pairs with an identity (or projected) shortcut; ResNet-18/34's block
+    (``expansion = 1``; arguments as in :class:`_ResidualBlock`)."""
+
+    expansion = 1
+
+    def _build(self, inplanes: int, planes: int, stride: int, norm_layer: NormMaker) -> None:
         self.conv1 = _conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
 
     def last_norm(self) -> nn.Module:
-        """The norm layer just before the residual sum (zero-initialised on request)."""
         return self.bn2
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+    def _residual(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (``expansion = 4``), stride on the 3x3 conv as in torchvision.
-
-    Args:
-        inplanes: input channels.
-        planes: bottleneck channels; the block outputs ``planes * 4``.
-        stride: stride of the 3x3 conv (and of the projection). Default: 1.
-        downsample: projection applied to the shortcut when shapes differ. Default: ``None``.
-        norm_layer: ``make(num_features) -> nn.Module``. Default: ``nn.BatchNorm2d``.
-    """
+class Bottleneck(_ResidualBlock):
+    """1x1 reduce, 3x3, 1x1 expand (``expansion = 4``), stride on the 3x3 conv as in torchvision
+    (arguments as in :class:`_ResidualBlock`; ``planes`` is the bottleneck width)."""
 
     expansion = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: Optional[nn.Module] = None,
-        norm_layer: NormMaker = nn.BatchNorm2d,
-    ) -> None:
-        super().__init__()
+    def _build(self, inplanes: int, planes: int, stride: int, norm_layer: NormMaker) -> None:
         self.conv1 = _conv1x1(inplanes, planes)
         self.bn1 = norm_layer(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
@@ -114,19 +119,14 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
 
     def last_norm(self) -> nn.Module:
-        """The norm layer just before the residual sum (zero-initialised on request)."""
         return self.bn3
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _residual(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]

@@ -127,18 +127,9 @@ class YOLO(nn.Module):
 
     strides = (8, 16)
 
-    def __init__(
-        self,
-        num_classes: int,
-        in_channels: int = 3,
-        width: int = 16,
-        depth: int = 1,
-        norm: NormSpec = "batch",
-        box_weight: float = 5.0,
-        obj_weight: float = 1.0,
-        cls_weight: float = 1.0,
-        assign_ratio: float = 2.0,
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, depth: int = 1,
+                 norm: NormSpec = "batch", box_weight: float = 5.0, obj_weight: float = 1.0,
+                 cls_weight: float = 1.0, assign_ratio: float = 2.0) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width),
                             ("depth", depth)):
