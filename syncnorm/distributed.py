@@ -243,11 +243,10 @@ def exchange_grad_sums(sums: Tensor, spec: SyncSpec) -> Tensor:
 # no "is distributed" test of their own. Tensors travel on the device the backend reduces on: the
 # current CUDA device for NCCL, the CPU otherwise; results come back on the input's device.
 
-import os  # noqa: E402  (this section's own imports: the module's head belongs to the engine)
-from typing import Sequence  # noqa: E402
+import os  # noqa: E402  (this section's own import: the module's head belongs to the engine)
 
-__all__ += ["is_distributed", "world_size", "rank", "sum_over_ranks", "min_over_ranks", "max_over_ranks",
-            "gather_rows", "gather_lists", "init_from_launcher", "init_on_fresh_store", "shutdown"]
+__all__ += ["is_distributed", "world_size", "rank", "sum_over_ranks", "min_over_ranks", "gather_rows",
+            "gather_lists", "init_from_launcher", "init_on_fresh_store", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -287,15 +286,6 @@ def min_over_ranks(value: int) -> int:
     t = _on_backend_device(torch.tensor([int(value)], dtype=torch.int64))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
-
-
-def max_over_ranks(values: Sequence[float]) -> list[float]:
-    """The element-wise maximum of ``values`` over the ranks (``values`` with one process)."""
-    if world_size() <= 1:
-        return [float(v) for v in values]
-    t = _on_backend_device(torch.tensor(list(values), dtype=torch.float64))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
 
 
 def gather_rows(t: Tensor) -> Tensor:

@@ -17,16 +17,17 @@ the app's config check. A row (:class:`NormKind`) says:
   the torch class the layer had before its first conversion.
 
 Adding a kind is one file with the layer plus one :func:`register_norm` call; from then on the
-kind works in every place above (``tests/unit/test_toy_kind.py`` proves it with a toy kind).
+kind works in every place above (``tests/e2e/test_new_kind.py`` proves it with the toy kind of
+``tests/toy_norm.py``).
 
 Example::
 
     >>> from syncnorm.factory import create_norm_layer, get_norm_layer
     >>> create_norm_layer("sync", 64)
-    SyncBatchNorm(64, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    SyncBatchNorm(64, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
     >>> make = get_norm_layer("group", num_groups=8)
     >>> make(64)
-    GroupNorm(8, 64, eps=1e-05, affine=True)
+    GroupNorm(8, 64, eps=1e-05, affine=True, bias=True)
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ This module imports nothing from syncnorm (every other module may import it).
 Example::
 
     >>> from syncnorm import rules
-    >>> rules.NUM_GROUPS.check(8, "GroupNorm")
+    >>> rules.VIRTUAL_BATCH_SIZE.check(8, "GhostBatchNorm")
     8
-    >>> rules.NUM_GROUPS.check(0, "GroupNorm")
+    >>> rules.VIRTUAL_BATCH_SIZE.check(0, "GhostBatchNorm")
     Traceback (most recent call last):
     ...
-    ValueError: GroupNorm: expected num_groups to be an int >= 1, got 0
+    ValueError: GhostBatchNorm: expected virtual_batch_size to be an int >= 1, got 0
 """
 
 from __future__ import annotations
