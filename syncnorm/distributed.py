@@ -279,3 +279,109 @@ def all_reduce_differentiable(t: Tensor, spec: SyncSpec) -> Tensor:
     if torch.compiler.is_compiling():
         return all_reduce_traceable(t, spec.group)
     return _CheckedAllReduceSum.apply(t, spec)
+
+
+# --- Collectives for callbacks and the app ---
+#
+# Small named helpers over the default (WORLD) group for the Lightning callbacks, the conversion's
+# ``auto`` policy, the training app and its demo. Each is a no-op (returns its input, or the
+# one-process answer) without an initialized process group or with one process, so callers need
+# no "is distributed" test of their own. Tensors travel on the device the backend reduces on: the
+# current CUDA device for NCCL, the CPU otherwise; results come back on the input's device.
+
+import os  # noqa: E402  (this section's own import: the module's head belongs to the engine)
+
+__all__ += ["is_distributed", "world_size", "rank", "sum_over_ranks", "min_over_ranks", "gather_rows",
+            "gather_lists", "init_from_launcher", "init_on_fresh_store", "shutdown"]
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialized (the one such test of the package)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 without a process group."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _on_backend_device(t: Tensor) -> Tensor:
+    if dist.get_backend() == "nccl":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t.cpu()
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """The element-wise sum of ``t`` over the ranks (``t`` itself with one process)."""
+    if world_size() <= 1:
+        return t
+    buf = _on_backend_device(t).clone()
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` of all ranks (e.g. how many batches every rank can run)."""
+    if world_size() <= 1:
+        return int(value)
+    t = _on_backend_device(torch.tensor([int(value)], dtype=torch.int64))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """``(world size, len)``: every rank's 1-D ``t``, in rank order, on the CPU (one ``all_gather``)."""
+    if world_size() <= 1:
+        return t.unsqueeze(0).cpu()
+    buf = _on_backend_device(t)
+    out = [torch.empty_like(buf) for _ in range(world_size())]
+    dist.all_gather(out, buf)
+    return torch.stack(out).cpu()
+
+
+def gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's list of picklable items, concatenated in rank order (``items`` with one process)."""
+    if world_size() <= 1:
+        return items
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def init_from_launcher(backend: str = "gloo") -> bool:
+    """Join the process group a launcher (torchrun) describes in the environment (``WORLD_SIZE`` > 1);
+    returns whether this process is distributed. Without a launcher nothing happens."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or is_distributed():
+        return is_distributed()
+    dist.init_process_group(backend)
+    return True
+
+
+def init_on_fresh_store(prefix: str, backend: str) -> None:
+    """Create the default group from torchrun's environment (``MASTER_ADDR``/``PORT``, ``RANK``,
+    ``WORLD_SIZE``) on the rendezvous store's keys under ``prefix``, so a restarted worker group does not
+    read the previous attempt's keys (see ``syncnorm.app.runtime.init_distributed_after_restart``)."""
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank_ == 0 and not agent_store), multi_tenant=not agent_store)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank_, world_size=world)
+
+
+def shutdown(success: bool = True) -> None:
+    """End the default process group, if one is alive: a barrier (on success), then
+    ``destroy_process_group``. Without it, gloo can abort at interpreter exit with "terminate called
+    without an active exception" while the group is still alive. After a failure the barrier is
+    skipped (a peer may never reach it)."""
+    if not is_distributed():
+        return
+    try:
+        if success:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

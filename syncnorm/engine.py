@@ -43,6 +43,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -54,9 +55,11 @@ __all__ = ["Renorm", "EngineState", "batch_norm", "batch_stats", "local_batch_no
            "construction_identity", "layer_label", "check_norm_input", "check_batch_size"]
 
 HEAD = D.HEAD_SIZE
-SHIFT_RATIO2_LIMIT = 1e6
-"""Re-exchange, centred on the new mean, when ``max((mean - shift)**2 / var)`` exceeds this: the
-merge then keeps the variance to ~1e-10 relative (see :mod:`syncnorm.functional`)."""
+SHIFT_RATIO2_LIMITS = {torch.float32: 100.0, torch.float64: 1e6}
+"""Exchange once more, centred on the new mean, when ``max((mean - shift)**2 / var)`` exceeds
+this (by the shift's dtype): sums centred within 10 standard deviations keep the variance to a
+few 1e-6 relative in float32 (typically 1e-7: a batch mean moves by a fraction of a standard
+deviation between steps), within 1000 to ~1e-10 in float64 (see :mod:`syncnorm.functional`)."""
 
 _BUILT: dict[int, int] = {}
 """How many synchronized layers each construction call stack has built in this process: the
@@ -112,18 +115,26 @@ class EngineState:
         self.ready = False  # set after the first exchange: the shift is centred
         self.exact = False  # CPU: the data is offset, local statistics take the exact two passes
         self.device, self.dtype, self.signature = x.device, x.dtype, signature
-        self.shift = torch.zeros(num_features, dtype=torch.float64, device=x.device)
+        # the shift is kept in the statistics dtype: local sums centred on it are exact to that dtype
+        self.shift = torch.zeros(num_features, dtype=SF.stats_dtype(x.dtype), device=x.device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
         self.sig_sums: dict[int, Tensor] = {}
         self.heads: dict[int, Tensor] = {}
+        self.expected_sig = self._expected_sig()
         return self
+
+    def _expected_sig(self) -> list[float]:
+        """The signature entries every rank sees after the sum when all run this layer (CPU check)."""
+        return [self.world * v for v in D.signature_head(self.signature, 0, self.world)[:D.SIG_SIZE]]
 
     def switch(self, x: Tensor, signature: int) -> "EngineState":
         """Follow the layer to another device or input dtype: the shift and the pending checks move
         along, the cached heads are rebuilt for the new signature."""
         self.device, self.dtype, self.signature, self.heads = x.device, x.dtype, signature, {}
-        self.shift, self.nonfinite = self.shift.to(x.device), self.nonfinite.to(x.device)
+        self.shift = self.shift.to(x.device, SF.stats_dtype(x.dtype))
+        self.nonfinite = self.nonfinite.to(x.device)
         self.sig_sums = {k: v.to(x.device) for k, v in self.sig_sums.items()}
+        self.expected_sig = self._expected_sig()
         return self
 
     @property
@@ -364,17 +375,18 @@ def _exchange(call: _Call, x: Tensor, n: int, payload: Callable[[Tensor, bool], 
                 state.shift.add_(q.detach().nan_to_num(0.0, 0.0, 0.0))
                 continue
             break
-        checks = torch.cat([head, SF.offset_ratios(q.detach(), state.shift, vu[0].detach())]).tolist()
+        mean = state.shift + q.detach()
+        checks = head.tolist() + SF.offset_ratios(q.detach(), mean, vu[0].detach()).tolist()
         if on_cpu and D.head_mismatch(checks, state.signature):
             raise D.report_mismatch(spec, x.dtype, x.device.type)
         if n <= 1:
             _check_global_count(checks[HEAD - 2], spec.label, spec.num_features)
         far, offset = checks[HEAD], checks[HEAD + 1]
         state.exact = on_cpu and offset > SF.FAST_STATS_RATIO_LIMIT ** 2
-        if attempt or not (far > SHIFT_RATIO2_LIMIT or state.exact > exact):
+        if attempt or not (far > SHIFT_RATIO2_LIMITS[state.shift.dtype] or state.exact > exact):
             break
         if far == far:  # not NaN: centre on this mean
-            state.shift.add_(q.detach())
+            state.shift.copy_(mean)
         exact = state.exact
     state.ready = True
     return summed, q, vu, checks
@@ -391,7 +403,8 @@ def _check_global_count(total: float, label: str, num_features: int) -> None:
 
 def _group_stats(call: _Call, x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Optional[list[float]]]:
     """``(q, [var; unbiased var], summed counts, host checks)`` for the eager Function: the shift
-    plus ``q`` is the group's mean. Local statistics: CPU, :func:`functional.local_stats_cpu`;
+    plus ``q`` is the group's mean. Local statistics: CPU, sums centred on the shift where that is
+    the fast way (:func:`functional.shifted_sums_cpu`), else :func:`functional.local_stats_cpu`;
     other devices, one fused kernel. Without a group (Batch Renorm alone): the local batch's, with
     ``q`` the mean itself."""
     on_cpu = x.device.type == "cpu"
@@ -411,9 +424,14 @@ def _group_stats(call: _Call, x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor
     if call.state is None:
         return _local_group(call, x, n, local)
     state = call.state
+    sums = on_cpu and n > 0 and SF.fast_shifted_sums(x)
 
     def payload(shift: Tensor, exact: bool) -> Tensor:
-        buf = SF.fill_payload(state.head(n), *local(exact)[:2], shift, n, local(exact)[2])
+        if sums:
+            buf = torch.cat([state.head(n), *SF.shifted_sums_cpu(x, shift)])
+        else:
+            mean, var, residual = local(exact)
+            buf = SF.fill_payload(state.head(n), mean, var, shift, n, residual)
         D.all_reduce_checked(buf, call.spec, "forward statistics")
         return buf
 
@@ -429,8 +447,8 @@ def _local_group(call: _Call, x: Tensor, n: int, local: Callable[[bool], tuple]
     mean, var, residual = local(False)
     checks = None
     if x.device.type == "cpu":  # exact statistics for offset data, as in a group
-        zero = torch.zeros_like(mean, dtype=torch.float64)
-        checks = [0.0] * HEAD + SF.offset_ratios(mean.double(), zero, var.double()).tolist()
+        mean64 = mean.double()
+        checks = [float(n)] * HEAD + SF.offset_ratios(mean64, mean64, var.double()).tolist()
         if checks[HEAD + 1] > SF.FAST_STATS_RATIO_LIMIT ** 2:
             mean, var, residual = local(True)
     v = var.double()
@@ -441,14 +459,16 @@ def _local_group(call: _Call, x: Tensor, n: int, local: Callable[[bool], tuple]
 
 # ----------------------------------------------------------------------------------- running stats
 
-def _update_running_cpu(call: _Call, x: Tensor, mean: Tensor, vu: Tensor, finite: bool) -> None:
-    """Running statistics on CPU: the host knows whether every channel is finite, and reports
-    NaN/inf per the layer's policy (naming the channels and the ranks they came from)."""
+def _update_running_cpu(call: _Call, x: Tensor, mean: np.ndarray, var: np.ndarray, unbiased: np.ndarray,
+                        finite: bool) -> None:
+    """Running statistics on CPU, from the group's float64 mean, biased and unbiased variance: the host knows
+    whether every channel is finite, and reports NaN/inf per the layer's policy (naming the channels
+    and the ranks they came from)."""
     rm, rv, nbt = call.running_mean, call.running_var, call.num_batches_tracked
     policy = call.spec.on_nonfinite
     skip = not finite and policy != "propagate"
     if skip:
-        glob_bad = ~torch.isfinite(vu[0])
+        glob_bad = torch.from_numpy(~(np.isfinite(mean) & np.isfinite(var)))
         local_bad = ~torch.isfinite(x.detach().sum(SF.reduce_dims(x))) if x.numel() else torch.zeros_like(glob_bad)
         message = D.report_nonfinite(call.spec, local_bad, glob_bad)
         if policy == "raise":
@@ -466,20 +486,20 @@ def _update_running_cpu(call: _Call, x: Tensor, mean: Tensor, vu: Tensor, finite
         if nbt is not None:
             nbt.add_(1)
         factor = call.momentum
+    if skip:  # keep the running values of the bad channels
+        ok = np.isfinite(mean) & np.isfinite(var)
+        mean = np.where(ok, mean, rm.detach().double().numpy())
+        unbiased = np.where(ok, unbiased, rv.detach().double().numpy())
     with torch.no_grad():
-        for running, batch in ((rm, mean), (rv, vu[1])):
-            if skip:
-                running.copy_(torch.where(torch.isfinite(vu[0]), torch.lerp(running, batch.to(running.dtype), factor),
-                                          running))
-            else:
-                running.lerp_(batch.to(running.dtype), factor)
+        torch._foreach_lerp_([rm, rv], [_as_tensor(mean, rm.dtype), _as_tensor(unbiased, rv.dtype)], factor)
 
 
 def _update_running(call: _Call, x: Tensor, mean: Tensor, vu: Tensor) -> None:
     """Running statistics from the group's mean and ``[var; unbiased var]``: with immediate
     reports on CPU in eager mode, device-side masks otherwise."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        _update_running_cpu(call, x, mean, vu, bool(torch.isfinite(vu[0]).all()))
+        m, v, u = mean.double().numpy(), vu[0].double().numpy(), vu[1].double().numpy()
+        _update_running_cpu(call, x, m, v, u, bool(np.isfinite(m).all() and np.isfinite(v).all()))
     else:
         _update_running_device(call, mean, vu[0], vu[1])
 
@@ -544,27 +564,79 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return _backward_device(ctx, grad_out)
 
 
+def _cpu_moments(call: _Call, x: Tensor, n: int) -> tuple[np.ndarray, np.ndarray, float, float, bool]:
+    """The group's ``(mean, biased var)`` (float64 NumPy), count, offset ratio and finiteness, on CPU.
+
+    Host reads are free on CPU: after the one all_reduce, the head is checked (ranks in different
+    layers raise at once), and when the shift was far from the mean (a layer's first call, a jump),
+    or the data turned out offset for torch's statistics kernel, the exchange runs once more,
+    centred on the new mean or with exact local statistics (every rank sees the same sums, so all
+    decide alike). The per-channel arithmetic runs in NumPy on views of the payload.
+    """
+    state, spec = call.state, call.spec
+    if state is None:  # Batch Renorm without a group: this batch alone
+        if n <= 1:
+            _check_global_count(float(n), spec.label, spec.num_features)
+        mean_t, var_t, residual = SF.local_stats_cpu(x)
+        zero = np.zeros(spec.num_features)
+        mean, var, _, offset, finite = SF.merge_sums_cpu(
+            np.concatenate([mean_t.double().numpy(), (var_t.double() + mean_t.double() ** 2).numpy()]), 1.0, zero,
+            call.eps)
+        if offset > SF.FAST_STATS_RATIO_LIMIT ** 2:
+            m, var_t, residual = SF.local_stats_cpu(x, exact=True)
+            mean, var = (m + residual).numpy(), var_t.numpy()
+        return mean, var, float(n), offset, finite
+    sums = n > 0 and SF.fast_shifted_sums(x)
+    shift, exact, limit = state.shift.numpy(), state.exact, SHIFT_RATIO2_LIMITS[state.shift.dtype]
+    for attempt in range(2):
+        if sums:
+            buf = torch.cat([state.head(n), *SF.shifted_sums_cpu(x, state.shift)])
+        else:
+            stats = SF.local_stats_cpu(x, exact) if n else (None, None, None)
+            buf = SF.fill_payload(state.head(n), stats[0], stats[1], state.shift, n, stats[2])
+        D.all_reduce_checked(buf, spec, "forward statistics")
+        b = buf.numpy()
+        if b[:D.SIG_SIZE].tolist() != state.expected_sig:
+            raise D.report_mismatch(spec, x.dtype, x.device.type)
+        total = float(b[HEAD - 2])
+        if n <= 1:  # only then can the group's count be <= 1 (and every such rank looks)
+            _check_global_count(total, spec.label, spec.num_features)
+        mean, var, far, offset, finite = SF.merge_sums_cpu(b[HEAD:], total, shift, call.eps)
+        state.exact = offset > SF.FAST_STATS_RATIO_LIMIT ** 2
+        if attempt or not (far > limit or (not sums and state.exact > exact)):
+            break
+        np.copyto(shift, mean, where=np.isfinite(mean))  # centre on this mean, exchange again
+        exact = state.exact
+    state.ready = True
+    return mean, var, total, offset, finite
+
+
+def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """A CPU tensor of ``dtype`` from a NumPy array (no copy when the dtypes agree)."""
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _forward_cpu(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], call: _Call) -> Tensor:
     """CPU: host reads are free, so checks are immediate and precision guards choose the kernels."""
-    c = call.spec.num_features
-    n = x.numel() // c
-    q, vu, counts, checks = _group_stats(call, x, n)
-    mean_g = q if call.state is None else call.state.shift + q
-    offset, var_sum = checks[HEAD + 1], checks[HEAD + 2]
-    finite = math.isfinite(offset) and math.isfinite(var_sum)
-    ctx.fused = x.dtype == torch.float64 or offset <= SF.FAST_STATS_RATIO_LIMIT ** 2
+    n = x.numel() // call.spec.num_features
+    mean, var, total, offset, finite = _cpu_moments(call, x, n)
+    fused = x.dtype == torch.float64 or offset <= SF.FAST_STATS_RATIO_LIMIT ** 2
+    # moderate offsets: every later per-channel step in the statistics dtype (float32 keeps all it
+    # needs there); large offsets: float64 throughout
+    dt = SF.stats_dtype(x.dtype) if fused else torch.float64
+    mean_t, var_t = _as_tensor(mean, dt), _as_tensor(var, dt)
     scale, shift, r, d = weight, bias, None, None
     if call.limits is not None:
-        r, d = SF.renorm_correction(mean_g, vu[0], call.running_mean, call.running_var, call.eps, *call.limits)
-        scale, shift = SF.renorm_affine(None if weight is None else weight.double(),
-                                        None if bias is None else bias.double(), r, d)
-    out = SF.normalize(x, mean_g, vu[0], scale, shift, call.eps, ctx.fused)
-    _update_running_cpu(call, x, mean_g, vu, finite)
+        r, d = SF.renorm_correction(mean_t, var_t, call.running_mean, call.running_var, call.eps, *call.limits)
+        scale, shift = SF.renorm_affine(weight if fused or weight is None else weight.double(),
+                                        bias if fused or bias is None else bias.double(), r, d)
+    out = SF.normalize(x, mean_t, var_t, scale, shift, call.eps, fused)
+    _update_running_cpu(call, x, mean, var, var * (total / (total - 1.0)), finite)
     if call.state is not None:
-        new = mean_g if finite else torch.where(torch.isfinite(vu[0]), mean_g, call.state.shift)
-        call.state.shift.copy_(new)
-    ctx.total = float(n) if call.state is None else checks[HEAD - 2]
-    ctx.save_for_backward(x, scale, mean_g, vu[0], r, d)
+        np.copyto(call.state.shift.numpy(), mean, where=np.isfinite(mean) if not finite else True)
+    ctx.total, ctx.fused = total, fused
+    ctx.save_for_backward(x, scale, mean_t, var_t, r, d)
     return out
 
 
@@ -572,23 +644,31 @@ def _backward_cpu(ctx: Any, grad_out: Tensor):
     x, scale, mean, var, r, d = ctx.saved_tensors
     spec: D.SyncSpec = ctx.spec
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    invstd = torch.rsqrt(var + ctx.eps)
-    sum_dy, sum_dy_xmu = SF.backward_reduce(grad_out, x, mean, ctx.fused)
+    invstd = torch.from_numpy(1.0 / np.sqrt(var.numpy() + ctx.eps))
+    sum_dy, sum_dy_xhat = SF.backward_reduce(grad_out, x, mean, invstd, ctx.fused)
     grad_w = grad_b = grad_x = None
     if need_w and ctx.weight_dtype is not None:
-        gw = sum_dy_xmu.double() * invstd
+        gw = sum_dy_xhat
         if ctx.renorm:  # y = w * (x_hat * r + d) + b
-            gw = gw * r + sum_dy.double() * d
+            gw = torch.addcmul(gw * r.to(gw.dtype), sum_dy, d.to(gw.dtype))
         grad_w = gw.to(ctx.weight_dtype)
     if need_b and ctx.has_bias:
         grad_b = sum_dy.to(ctx.weight_dtype or sum_dy.dtype)
     if need_x:
         c = spec.num_features
         if spec.group is not None:
-            sums = torch.cat([sum_dy, sum_dy_xmu])
+            sums = torch.cat([sum_dy, sum_dy_xhat])
             D.all_reduce_checked(sums, spec, "backward gradient-sum")
-            sum_dy, sum_dy_xmu = sums[:c], sums[c:]
-        grad_x = SF.backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xmu, ctx.total, ctx.fused)
+            sum_dy, sum_dy_xhat = sums[:c], sums[c:]
+        if ctx.fused:
+            w = None if scale is None else scale.detach().to(mean.dtype).numpy()
+            a, k, cc = (torch.from_numpy(v).view([1, -1] + [1] * (x.dim() - 2)) for v in SF.elemt_coefficients_cpu(
+                sum_dy.numpy(), sum_dy_xhat.numpy(), mean.numpy(), invstd.numpy(), w, ctx.total))
+            grad = torch.mul(grad_out, a)
+            grad = grad if grad.dtype == a.dtype else grad.to(a.dtype)
+            grad_x = grad.addcmul_(x, k).add_(cc).to(x.dtype)
+        else:
+            grad_x = SF.backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xhat, ctx.total, False)
     return grad_x, grad_w, grad_b, None
 
 
@@ -600,7 +680,7 @@ def _forward_device(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optiona
     if call.state is None:
         mean_g = q
     else:  # the shift becomes this step's mean (channels with non-finite statistics keep theirs)
-        mean_g = call.state.shift.add_(q.nan_to_num(0.0, 0.0, 0.0))
+        mean_g = call.state.shift.add_(q.nan_to_num(0.0, 0.0, 0.0)).clone()
     acc = SF.stats_dtype(x.dtype)
     mean_a, vu_a = mean_g.to(acc), vu.to(acc)
     scale, shift, r, d = weight, bias, None, None

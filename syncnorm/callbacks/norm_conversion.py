@@ -8,7 +8,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..convert import KINDS, convert_norms_with_summary
+from .. import rules
+from ..convert import AUTO, conversion_kind, convert_norms_with_summary
+from ..factory import synchronizing_kinds
 from ..distributed import new_sync_groups
 
 
@@ -21,15 +23,19 @@ class NormConversion(pl.Callback):
     ``Trainer(sync_batchnorm=True)``, ``NormConversion("sync")`` works on CPU (gloo) as well as GPU.
 
     Args:
-        kind: ``batch``, ``sync``, ``ghost``, ``renorm``, ``frozen``, ``group`` or ``auto``
-            (see :func:`syncnorm.convert_norms`).
-        **options: options of that kind. For ``auto``, ``per_device_batch`` defaults to the
-            datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
-            Trainer's. For ``sync``/``renorm``, ``sync_group_size=k`` synchronizes over groups of
-            k consecutive ranks (see :func:`syncnorm.new_sync_groups`) instead of all of them.
+        kind: any kind of :func:`syncnorm.convert_norms` (the table of :mod:`syncnorm.factory`:
+            ``batch``, ``sync``, ``ghost``, ``renorm``, ``frozen``, ``group``, ``batch_instance``,
+            ``switchable``, registered ones) or ``auto``.
+        **options: options of that kind, checked here. For ``auto``, ``per_device_batch`` defaults
+            to the datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
+            Trainer's. For a kind that synchronizes (``sync``, ``renorm``, ``batch_instance``,
+            ``switchable``), ``sync_group_size=k`` synchronizes over groups of k consecutive ranks
+            (see :func:`syncnorm.new_sync_groups`) instead of all of them.
 
     Raises:
-        ValueError: unknown kind (in ``__init__``); ``auto`` without a discoverable batch size.
+        ValueError: unknown kind, unknown or invalid option (in ``__init__``); a ``sync_group_size``
+            that does not divide the world size, ``auto`` without a discoverable batch size (in
+            ``setup``).
         RuntimeError: combined with ``Trainer(sync_batchnorm=True)``.
 
     Example::
@@ -42,13 +48,15 @@ class NormConversion(pl.Callback):
     """
 
     def __init__(self, kind: str, **options: Any) -> None:
-        if not isinstance(kind, str) or kind.lower() not in KINDS:
-            raise ValueError(f"NormConversion: unknown kind {kind!r}; expected one of {list(KINDS)}")
-        self.kind = kind.lower()
+        row = conversion_kind(kind, "NormConversion")
+        self.kind = row.name
         self.sync_group_size = options.pop("sync_group_size", None)
-        if self.sync_group_size is not None and self.kind not in ("sync", "renorm"):
-            raise ValueError(f"NormConversion: sync_group_size applies to kinds 'sync' and 'renorm', "
-                             f"got kind {self.kind!r}")
+        if self.sync_group_size is not None:
+            if not row.synchronizes:
+                raise ValueError(f"NormConversion: sync_group_size applies to kinds {synchronizing_kinds()}, "
+                                 f"got kind {self.kind!r}")
+            rules.SYNC_GROUP_SIZE.check(self.sync_group_size, "NormConversion")
+        row.check_options(options, f"NormConversion({self.kind!r})", require=self.kind != AUTO)
         self.options = options  # exactly convert_norms' options
         self.summary: Optional[str] = None
 
@@ -63,7 +71,8 @@ class NormConversion(pl.Callback):
             return
         options = dict(self.options)
         if self.sync_group_size is not None and trainer.world_size > 1:
-            options["process_group"] = new_sync_groups(int(self.sync_group_size))
+            k = rules.check_sync_group_size(self.sync_group_size, trainer.world_size, "NormConversion")
+            options["process_group"] = new_sync_groups(k)
         if self.kind == "auto":
             options.setdefault("world_size", trainer.world_size)
             if "per_device_batch" not in options:

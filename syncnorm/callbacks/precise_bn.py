@@ -7,12 +7,12 @@ from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from .. import functional as SF
+from ..distributed import min_over_ranks, sum_over_ranks, world_size
 from ._select import Selection, has_frozen_stats, select_norm_layers
 
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
@@ -29,19 +29,20 @@ def recompute_population_stats(model: nn.Module, batches: Any, layers: dict[str,
     """Set each layer's running statistics to the population statistics of its inputs over ``batches``.
 
     The model runs in training mode (each layer's input is what it sees in training), without
-    gradient. Per-layer float64 sums ``[count, sum, sum of squares]`` are accumulated over all
-    batches, so every *sample* weighs the same (an EMA, or an average of per-batch statistics, would
-    not), then summed over the ranks with one ``all_reduce`` when a process group is initialized.
+    gradient. Per-layer moments are merged exactly over all batches, so every *sample* weighs the
+    same (an EMA, or an average of per-batch statistics, would not), then over the ranks (two
+    ``all_reduce`` calls when a process group is initialized; sums centred on a common shift, so data
+    with a large offset keeps its digits).
     ``running_var`` gets the unbiased population variance, as BatchNorm stores it. Every other
     batch-norm layer's buffers and every module's training flag are restored. Returns the number of
     batches used on this rank.
     """
-    sums: dict[str, Tensor] = {}
+    moments: dict[str, SF.Moments] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            packed = SF.pack_moments(SF.batch_moments(args[0].detach()))
-            sums[name] = packed if name not in sums else sums[name] + packed
+            m = SF.batch_moments(args[0].detach())
+            moments[name] = m if name not in moments else SF.merge_moments(moments[name], m)
         return hook
 
     modes = {m: m.training for m in model.modules()}
@@ -66,22 +67,40 @@ def recompute_population_stats(model: nn.Module, batches: Any, layers: dict[str,
     if not names:
         return used
     device = next((b.device for b in layers[names[0]].buffers()), torch.device("cpu"))
-    flat = torch.cat([sums.get(n, torch.zeros(1 + 2 * layers[n].num_features, dtype=torch.float64)).to(device)
-                      for n in names])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = flat if dist.get_backend() == "nccl" else flat.cpu()
-        dist.all_reduce(buf)
-        flat = buf.to(device)
-    offset = 0
-    for n in names:
+    empty = {n: SF.batch_moments(torch.empty(0, layers[n].num_features, dtype=torch.float64, device=device))
+             for n in names if n not in moments}
+    merged = _merge_over_ranks([moments.get(n, empty.get(n)) for n in names], device)
+    for n, (count, mean, unbiased) in zip(names, merged):
         layer = layers[n]
-        c = layer.num_features
-        m = SF.unpack_moments(flat[offset:offset + 1 + 2 * c], c)
-        offset += 1 + 2 * c
-        if float(m.count) > 1 and layer.running_mean is not None:
-            layer.running_mean.copy_(m.mean.to(layer.running_mean.dtype))
-            layer.running_var.copy_(m.unbiased_var.to(layer.running_var.dtype))
+        if count > 1 and layer.running_mean is not None:
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_(unbiased.to(layer.running_var.dtype))
     return used
+
+
+def _merge_over_ranks(parts: list[SF.Moments], device: torch.device) -> list[tuple[float, Tensor, Tensor]]:
+    """``(N, mean, unbiased var)`` per layer over every rank, exactly: a first sum of counts and
+    ``count * mean`` gives a common shift; the second sums moments centred on it (see
+    :func:`syncnorm.functional.fill_payload`). Two collectives, whatever the number of layers."""
+    counts = [float(m.count) for m in parts]
+    first = sum_over_ranks(torch.cat([torch.stack([m.count, *(m.mean * m.count)]).to(device) for m in parts]))
+    shifts, offset = [], 0
+    for m in parts:
+        c = m.mean.numel()
+        total = first[offset]
+        shifts.append(torch.where(total > 0, first[offset + 1:offset + 1 + c] / total, 0.0))
+        offset += 1 + c
+    world = world_size()
+    payloads = [SF.fill_payload(torch.tensor([n, n - 1.0 / world], dtype=torch.float64, device=device),
+                                m.mean.to(device), m.var.to(device) if n else None, shift, int(n))
+                for m, n, shift in zip(parts, counts, shifts)]
+    summed, out, offset = sum_over_ranks(torch.cat(payloads)), [], 0
+    for shift, p in zip(shifts, payloads):
+        part = summed[offset:offset + p.numel()]
+        offset += p.numel()
+        q, vu = SF.merge_payload(part[2:], part[:2])
+        out.append((float(part[0]), shift + q, vu[1]))
+    return out
 
 
 class PreciseBN(pl.Callback):
@@ -123,11 +142,8 @@ class PreciseBN(pl.Callback):
         if loader is None:
             return
         layers = {n: m for n, m in select_norm_layers(pl_module, self.layers).items() if not has_frozen_stats(m)}
-        n = self.num_batches
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([min(n, _length(loader, n))], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # every rank must run as many synced forwards
-            n = int(t)
+        # every rank must run as many (possibly synchronized) forwards
+        n = min_over_ranks(min(self.num_batches, _length(loader, self.num_batches)))
 
         def batches():
             for i, batch in enumerate(itertools.islice(iter(loader), n)):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from .. import functional as SF
+from ..distributed import gather_rows
 from ._select import Selection, select_norm_layers
 
 
@@ -141,7 +141,7 @@ class StatDivergenceMonitor(pl.Callback):
         if not rows:
             return
         flat = torch.cat(rows)
-        gathered = _all_gather(flat, pl_module.device)
+        gathered = gather_rows(flat)
         metrics: dict[str, float] = {}
         offset = 0
         for name, layer in zip(self._names, self._modules):
@@ -164,17 +164,6 @@ class StatDivergenceMonitor(pl.Callback):
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _all_gather(flat: Tensor, device: torch.device) -> Tensor:
-    """``(world, len)`` rows of every rank's ``flat``; one collective, none without a group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flat.unsqueeze(0)
-    backend = dist.get_backend()
-    t = flat.to(device if backend == "nccl" else "cpu")
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.stack(out).cpu()
 
 
 def _wandb_chart(logger: Any, names: list[str], metrics: dict[str, float], step: int) -> None:

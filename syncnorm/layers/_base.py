@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import engine
+from .. import engine, rules
 from ..distributed import DEFAULT_TIMEOUT_S
 from ..engine import check_batch_size, check_norm_input, layer_label  # noqa: F401  (re-exported)
 
@@ -26,8 +26,8 @@ def transfer_norm_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     """Make ``dst`` use ``src``'s parameters and buffers (the same objects, not copies).
 
     Copies ``training``, keeps ``requires_grad``, device and dtype (they live on the shared
-    tensors), carries over ``layer_name``, and records the torch class ``src`` came from so that a
-    revert restores exactly that class. Returns ``dst``.
+    tensors), and records the torch class ``src`` came from so that a revert restores exactly that
+    class. Returns ``dst``.
     """
     with torch.no_grad():
         for name in ("weight", "bias"):
@@ -64,9 +64,8 @@ def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
 
 
 def record_origin(src: nn.Module, dst: nn.Module) -> None:
-    """Carry ``layer_name`` and the original torch class (``src``'s own, or the one it recorded)."""
-    if getattr(src, "layer_name", None):
-        dst.layer_name = src.layer_name
+    """Record on ``dst`` the original torch class (``src``'s own, or the one it recorded). The
+    converters set ``dst.layer_name`` themselves (the qualified name in the converted model)."""
     original = getattr(src, ORIGINAL_CLASS_ATTR, None)
     if original is None and not type(src).__module__.startswith("syncnorm."):
         original = type(src)
@@ -92,12 +91,8 @@ class BatchNormBase(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"{type(self).__name__}: expected num_features to be a positive int, got {num_features!r}")
-        if eps < 0:
-            raise ValueError(f"{type(self).__name__}: expected eps >= 0, got {eps!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{type(self).__name__}: expected momentum in [0, 1] or None, got {momentum!r}")
+        for rule, value in ((rules.NUM_FEATURES, num_features), (rules.EPS, eps), (rules.MOMENTUM, momentum)):
+            rule.check(value, type(self).__name__)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.layer_name = None
         self.sync_timeout_s = DEFAULT_TIMEOUT_S

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import rules
 from ._base import check_norm_input
 
 
@@ -40,8 +41,7 @@ class FrozenBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"FrozenBatchNorm: expected num_features to be a positive int, got {num_features!r}")
+        rules.NUM_FEATURES.check(num_features, "FrozenBatchNorm")
         kw = {"device": device, "dtype": dtype}
         self.num_features, self.eps = num_features, eps
         self.layer_name = None

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .. import rules
 from ._base import BatchNormBase, check_batch_size
 
 
@@ -47,8 +48,7 @@ class GhostBatchNorm(BatchNormBase):
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
                  device=None, dtype=None) -> None:
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-            raise ValueError(f"GhostBatchNorm: expected virtual_batch_size to be an int >= 1, got {virtual_batch_size!r}")
+        rules.VIRTUAL_BATCH_SIZE.check(virtual_batch_size, "GhostBatchNorm")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.virtual_batch_size = virtual_batch_size
 

@@ -60,5 +60,5 @@ def test_sync_group_size_option_of_norm_conversion(tmp_path):
     tr.fit(model)
     for rec in load_records(tmp_path):
         assert set(rec["kinds"].values()) == {"SyncBatchNorm"}
-    with pytest.raises(ValueError, match="sync_group_size applies to kinds 'sync' and 'renorm'"):
+    with pytest.raises(ValueError, match=r"sync_group_size applies to kinds \['sync', 'renorm'"):
         NormConversion("group", sync_group_size=2)

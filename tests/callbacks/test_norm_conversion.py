@@ -43,7 +43,7 @@ def test_refuses_lightning_sync_batchnorm(tmp_path):
 
 
 def test_unknown_kind_is_refused_at_construction():
-    with pytest.raises(ValueError, match="unknown kind 'syncbn'; expected one of"):
+    with pytest.raises(ValueError, match="unknown norm kind 'syncbn'; expected one of"):
         NormConversion("syncbn")
 
 

@@ -64,8 +64,9 @@ class _Side(torch.nn.Module):
         return [layer(x) for layer, x in zip(self.layers, xs)]
 
 
-def _train(model: _Side, fn, world: int, rank, dtype: torch.dtype) -> dict:
-    """Train every case of ``model`` on this rank's slice (``rank=None``: the whole batch)."""
+def _train(model: _Side, fn, world: int, rank, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Train every case of ``model`` on this rank's slice (``rank=None``: the whole batch), on
+    ``device``; results come back on the CPU."""
     results = {case: {"out": [], "grad": [], "pgrad": []} for case in model.cases}
     for step in range(STEPS):
         xs, dys = [], []
@@ -74,18 +75,18 @@ def _train(model: _Side, fn, world: int, rank, dtype: torch.dtype) -> dict:
             start = 0 if rank is None else sum(sizes[:rank])
             stop = sum(sizes) if rank is None else start + sizes[rank]
             x, dy = _data(step, sum(sizes))
-            xs.append(x[start:stop].to(dtype).requires_grad_())
-            dys.append(dy[start:stop].to(dtype))
+            xs.append(x[start:stop].to(device, dtype).requires_grad_())
+            dys.append(dy[start:stop].to(device, dtype))
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         ys = fn(xs)
         sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
         for case, layer, xk, y in zip(model.cases, model.layers, xs, ys):
-            results[case]["out"].append(y.detach().double())
-            results[case]["grad"].append(xk.grad.double())
-            results[case]["pgrad"].append([p.grad.double().clone() for p in layer.parameters()])
+            results[case]["out"].append(y.detach().cpu().double())
+            results[case]["grad"].append(xk.grad.cpu().double())
+            results[case]["pgrad"].append([p.grad.cpu().double() for p in layer.parameters()])
     for case, layer in zip(model.cases, model.layers):
-        results[case]["buffers"] = [b.double().clone() for b in layer.buffers()]
+        results[case]["buffers"] = [b.cpu().double() for b in layer.buffers()]
     return results
 
 
@@ -127,15 +128,15 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_layer_kind_eager_and_compiled_equals_the_full_batch_in_float64(world):
-    per_rank = run_distributed(_worker, world, timeout=420)
+def compare(per_rank: list[dict], world: int, modes=MODES, tol: float = TOL) -> list[str]:
+    """Each case of ``per_rank`` (results keyed ``(kind, mode, split)``) against the float64
+    full-batch reference; returns the failures."""
     failures = []
     refs = _reference(world)
     for split in SPLITS[world]:
         for kind in KINDS:
             ref = refs[split, kind]
-            for mode in MODES:
+            for mode in modes:
                 res = [r[kind, mode, split] for r in per_rank]
                 errs = {}
                 for step in range(STEPS):
@@ -147,8 +148,15 @@ def test_every_layer_kind_eager_and_compiled_equals_the_full_batch_in_float64(wo
                     for i, b in enumerate(ref["buffers"]):
                         errs[f"rank{r}_buffer{i}"] = _max_err(rr["buffers"][i], b)
                 worst = max(errs, key=errs.get)
-                if errs[worst] > TOL:
+                if errs[worst] > tol:
                     failures.append(f"{kind}/{mode}/{split}: {worst} off by {errs[worst]:.3g}")
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_layer_kind_eager_and_compiled_equals_the_full_batch_in_float64(world):
+    per_rank = run_distributed(_worker, world, timeout=420)
+    failures = compare(per_rank, world)
     assert not failures, "\n".join(failures)
     for rank, r in enumerate(per_rank):  # global count 1: every rank fails, empty ones included
         assert r["global_one"]["eager"].startswith("ValueError: SyncBatchNorm: expected more than 1 value per "

@@ -186,3 +186,54 @@ def test_ranks_with_different_channel_counts_get_a_clear_error_not_an_abort():
         assert r["type"] == "SyncError", r
         assert "rank 0: SyncBatchNorm 'neck.bn' (C=4, float32, cpu)" in r["msg"], r
         assert "rank 1: SyncBatchNorm 'neck.bn' (C=6, float32, cpu)" in r["msg"], r
+
+
+def _cumulative_skip_worker(rank, world, mode):
+    """momentum=None (cumulative average) with a NaN batch in between: the bad batch is not counted."""
+    layer = syncnorm.SyncBatchNorm(3, momentum=None)
+    layer.on_nonfinite = "skip"
+    fn = torch.compile(layer, fullgraph=True, backend="aot_eager") if mode == "compiled" else layer
+    batches = [torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(10 * step + rank)) + step
+               for step in range(3)]
+    if rank == 1:
+        batches[1][0, 1, 0] = float("nan")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x in batches:
+            fn(x)
+    return {"batches": batches, "mean": layer.running_mean.clone(), "var": layer.running_var.clone(),
+            "count": int(layer.num_batches_tracked)}
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_cumulative_average_skips_a_nonfinite_batch_entirely(mode):
+    res = run_distributed(_cumulative_skip_worker, 2, mode, timeout=240)
+    good = [torch.cat([r["batches"][step] for r in res]) for step in (0, 2)]  # batch 1 had a NaN
+    mean = sum(b.double().mean((0, 2)) for b in good) / 2
+    var = sum(b.double().var((0, 2), unbiased=True) for b in good) / 2
+    for r in res:
+        assert r["count"] == 2, r["count"]  # the skipped batch is not counted in the average
+        torch.testing.assert_close(r["mean"].double(), mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r["var"].double(), var, rtol=0, atol=1e-5)
+
+
+def _compiled_raise_worker(rank, world):
+    layer = syncnorm.SyncBatchNorm(3)
+    layer.on_nonfinite = "raise"
+    fn = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    fn(torch.randn(4, 3, 2))
+    x = torch.randn(4, 3, 2)
+    if rank == 0:
+        x[1, 2, 0] = float("inf")
+    fn(x)  # no host read in a compiled graph: recorded on the device
+    recorded = _catch(lambda: syncnorm.check_sync_errors(torch.nn.Sequential(layer)))
+    return {**recorded, "running_mean": layer.running_mean.clone()}
+
+
+def test_compiled_nonfinite_raise_is_recorded_and_raised_at_the_next_check():
+    for r in run_distributed(_compiled_raise_worker, 2, timeout=240):
+        assert r["type"] == "SyncError", r
+        assert "SyncBatchNorm '0'" in r["msg"] and "non-finite batch statistics" in r["msg"], r
+        assert torch.isfinite(r["running_mean"]).all()  # the bad channel kept its running value

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from syncnorm.train import CONF_DIR
+from syncnorm.app.train import CONF_DIR
 
 REPO = CONF_DIR.parent
 

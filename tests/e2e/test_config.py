@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from syncnorm import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SyncBatchNorm, convert_norms
-from syncnorm.train import CONF_DIR, _net_from_data
-from syncnorm.utils import ConfigError, instantiate_callbacks, instantiate_loggers, validate_config
-from syncnorm.utils.resolvers import launcher_devices, launcher_num_nodes
+from syncnorm.app.train import CONF_DIR, _net_from_data
+from syncnorm.app.config import ConfigError, validate_config
+from syncnorm.app.runtime import instantiate_callbacks, instantiate_loggers
+from syncnorm.app.resolvers import launcher_devices, launcher_num_nodes
 
 from ._helpers import compose_cfg, run_cli
 

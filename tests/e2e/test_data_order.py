@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from syncnorm.data import DigitsDataModule, ShapesDataModule
+from syncnorm.app.data import DigitsDataModule, ShapesDataModule
 
 
 def _loader(dm, world: int, rank: int, train: bool = True):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from hydra.utils import instantiate
 
-from syncnorm.train import _net_from_data, train
+from syncnorm.app.train import _net_from_data, train
 
 from ._helpers import TINY, check_ok, compose_cfg, env, free_port, last_value, read_metrics, run_cli, step_losses
 

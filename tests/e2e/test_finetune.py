@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncnorm.train import train
+from syncnorm.app.train import train
 
 from ._helpers import TINY, compose_cfg
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.distributed
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_study_quick_writes_table_plot_and_matching_sync_curve(tmp_path):
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "-m", "syncnorm.bench.study", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    # the benchmarks are not installed: the repository on the path, as when run from its root
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.study", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"BN local (2x2)", "SyncBN (2x2)", "BN batch 4 (1 proc)"}

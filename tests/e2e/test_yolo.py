@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from syncnorm.train import _net_from_data, train
+from syncnorm.app.train import _net_from_data, train
 
 from ._helpers import check_ok, compose_cfg, read_metrics, run_cli, step_losses
 

@@ -1,4 +1,4 @@
-"""Run a function on W gloo ranks (127.0.0.1) in fresh processes, with a hard timeout.
+"""Run a function on W ranks (gloo on 127.0.0.1, or NCCL) in fresh processes, with a hard timeout.
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes from a forkserver that
 has torch preloaded (cheap starts, no fork of a process with live thread pools), rendezvous through
@@ -25,15 +25,17 @@ _CTX.set_forkserver_preload(["torch", "torch.distributed"])
 
 
 def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, pg_timeout_s: float,
-            clean_exit: bool) -> None:
+            clean_exit: bool, backend: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size,
+            backend, init_method=f"file://{folder}/store", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
         result = fn(rank, world_size, *args)
@@ -49,14 +51,15 @@ def _worker(fn: Callable, rank: int, world_size: int, folder: str, args: tuple, 
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
-                    pg_timeout_s: float = 60.0, clean_exit: bool = True) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+                    pg_timeout_s: float = 60.0, clean_exit: bool = True, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return results by rank.
 
     ``clean_exit=False`` skips the closing barrier, for tests that break the group on purpose.
+    ``backend``: gloo (default) or nccl (rank r on GPU r).
     """
     with tempfile.TemporaryDirectory(prefix="syncnorm-dist-") as folder:
         procs = [
-            _CTX.Process(target=_worker, args=(fn, r, world_size, folder, args, pg_timeout_s, clean_exit), daemon=True)
+            _CTX.Process(target=_worker, args=(fn, r, world_size, folder, args, pg_timeout_s, clean_exit, backend), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:

@@ -3,8 +3,9 @@
 ``scaled_group(W)`` initializes ``torch.distributed`` with the ``"scaledw"`` backend: a Python
 ``ProcessGroup`` whose ``all_reduce(SUM)`` multiplies by W (as if W ranks held the same tensor)
 and whose ``all_gather`` copies. A synchronized layer then computes, in one process, exactly what W
-ranks holding the same batch would: BatchNorm over the batch repeated W times. It works on CPU and
-on the ``meta`` device and counts its collectives.
+ranks holding the same batch would: BatchNorm over the batch repeated W times. It works on CPU,
+CUDA (its all_reduce is one in-place kernel: no host sync) and the ``meta`` device, and counts its
+collectives.
 
 ``DeviceChecks`` is a ``TorchDispatchMode`` for the ``meta`` device (which runs the non-CPU branch
 of the engine and fails on any host read of device data: ``.item()``, ``.tolist()``, ``bool()``): it
@@ -70,6 +71,12 @@ class ScaledProcessGroup(dist.ProcessGroup):
         ScaledProcessGroup.calls["all_gather"] += 1
         return _Done(output_lists)
 
+    def _allgather_base(self, output, input, opts=None):  # noqa: D102  (all_gather_into_tensor)
+        with _disable_current_modes():
+            output.view(self._size, -1).copy_(input.reshape(1, -1).expand(self._size, -1))
+        ScaledProcessGroup.calls["all_gather"] += 1
+        return _Done([output])
+
     def broadcast(self, tensors, opts=None):  # noqa: D102
         return _Done(tensors)
 
@@ -88,7 +95,7 @@ def _create(store, rank, size, timeout):
 
 
 if BACKEND not in dist.Backend.backend_list:
-    dist.Backend.register_backend(BACKEND, _create, devices=["cpu", "meta"])
+    dist.Backend.register_backend(BACKEND, _create, devices=["cpu", "meta", "cuda"])
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Smoke test of the whole benchmark suite: ``python -m syncnorm.bench all --quick``.
+"""Smoke test of the whole benchmark suite: ``python -m benchmarks all --quick``.
 
 Runs the one command users run (it launches the multi-rank parts with ``torch.distributed.run``) in
 a subprocess with a hard timeout, then checks every part's files: the columns and keys each
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from syncnorm.bench.__main__ import PARTS
-from syncnorm.bench.layer import W1_VARIANTS, W2_VARIANTS
-from syncnorm.bench.memory import VARIANTS as MEMORY_VARIANTS
-from syncnorm.bench.report import COLUMNS
-from syncnorm.bench.scaling import MODELS, SCHEMES
+from benchmarks.__main__ import PARTS
+from benchmarks.layer import W1_VARIANTS, W2_VARIANTS
+from benchmarks.memory import VARIANTS as MEMORY_VARIANTS
+from benchmarks.step import COLUMNS
+from benchmarks.scaling import MODELS, SCHEMES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "syncnorm.bench", "all", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--quick", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"benchmark failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from syncnorm.bench.report import COLUMNS
-from syncnorm.bench.variants import VARIANTS
+from benchmarks.step import COLUMNS
+from benchmarks.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_step_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "syncnorm.bench.step", "--quick", "--out", str(out),
+        "-m", "benchmarks.step", "--quick", "--out", str(out),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))

@@ -114,7 +114,7 @@ def test_group_uses_largest_divisor_and_says_so(c, requested, expected, caplog):
 
 
 def test_errors_name_valid_choices():
-    with pytest.raises(ValueError, match=r"unknown kind 'foo'; expected one of \['batch', 'sync'"):
+    with pytest.raises(ValueError, match=r"unknown norm kind 'foo'; expected one of \['batch', 'sync'"):
         convert_norms(_cnn(), "foo")
     with pytest.raises(ValueError, match="unknown options \\['r_max'\\]"):
         convert_norms(_cnn(), "sync", r_max=2.0)

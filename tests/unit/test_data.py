@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncnorm.data import DigitsDataModule, ShapesDataModule, ShapesDataset, collate_detection
-from syncnorm.data.digits import stratified_split
+from syncnorm.app.data import DigitsDataModule, ShapesDataModule, ShapesDataset, collate_detection
+from syncnorm.app.data.digits import stratified_split
 
 # scikit-learn's digits: 1797 images; per class, round(0.2 * count) go to validation
 NUM_DIGITS = 1797

@@ -56,7 +56,7 @@ def test_local_stats_cpu_is_exact_for_large_offsets_where_the_fused_kernel_is_no
     fast_mean, fast_var, _ = SF.local_stats_cpu(x)
     assert _rel(fast_var, ref_var) > 1e-5, "the case must be hard enough that the fused kernel fails"
     # what tells the engine to take the exact path: the squared offset ratio is far above the limit
-    ratios = SF.offset_ratios(fast_mean.double(), torch.zeros(4, dtype=torch.float64), fast_var.double())
+    ratios = SF.offset_ratios(fast_mean.double(), fast_mean.double(), fast_var.double())
     assert ratios[1].item() > 1e11 > SF.FAST_STATS_RATIO_LIMIT ** 2 and torch.isfinite(ratios).all()
     naive = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2  # E[x^2] - E[x]^2 in float32
     assert _rel(naive, ref_var) > 1e-1
@@ -139,10 +139,11 @@ def test_backward_matches_float64_autograd():
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
     m = SF.batch_moments(x.detach())
     invstd = torch.rsqrt(m.var + 1e-5)
-    sum_dy, sum_dy_xmu = SF.backward_reduce(dy, x.detach(), m.mean, fused=False)
-    dx = SF.backward_elemt(dy, x.detach(), m.mean, invstd, w.detach(), sum_dy, sum_dy_xmu, m.count)
-    torch.testing.assert_close(dx, gx, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(sum_dy_xmu * invstd, gw, rtol=1e-9, atol=1e-10)
+    for fused in (True, False):
+        sum_dy, sum_dy_xhat = SF.backward_reduce(dy, x.detach(), m.mean, invstd, fused)
+        dx = SF.backward_elemt(dy, x.detach(), m.mean, invstd, w.detach(), sum_dy, sum_dy_xhat, float(m.count), fused)
+        torch.testing.assert_close(dx, gx, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(sum_dy_xhat, gw, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(sum_dy, gb, rtol=1e-9, atol=1e-10)
 
 

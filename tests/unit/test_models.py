@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from syncnorm import SyncBatchNorm
-from syncnorm.data import ShapesDataset, collate_detection
-from syncnorm.models import YOLO, BasicBlock, Bottleneck, build_resnet, resnet18, resnet50
+from syncnorm.app.data import ShapesDataset, collate_detection
+from syncnorm.app.models import YOLO, BasicBlock, Bottleneck, build_resnet, resnet18, resnet50
 
 
 @pytest.mark.parametrize("depth", [18, 50])

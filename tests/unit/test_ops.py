@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from syncnorm.models.ops import (
+from syncnorm.app.models.ops import (
     average_precision_per_class,
     batched_nms,
     box_cxcywh_to_xyxy,

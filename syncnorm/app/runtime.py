@@ -1,0 +1,154 @@
+"""Building the run's objects from config nodes, loading weights, reporting, the torchrun-restart setup."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from syncnorm import distributed
+
+__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
+           "report_outputs", "resolved_container", "to_float_dict"]
+
+log = logging.getLogger(__name__)
+
+
+def _targets(group: Optional[DictConfig]) -> list[tuple[str, DictConfig]]:
+    """``(name, node)`` of every entry of a ``callbacks``/``logger`` group that has a ``_target_``."""
+    if not group:
+        return []
+    if not isinstance(group, DictConfig):
+        raise TypeError(f"expected a mapping of name -> config with _target_, got {type(group).__name__}")
+    return [(str(k), v) for k, v in group.items() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def instantiate_callbacks(group: Optional[DictConfig], progress_bar: bool = True) -> list[pl.Callback]:
+    """One callback per entry of the ``callbacks`` group, in the group's order.
+
+    Args:
+        group: the ``callbacks`` node (name -> config with ``_target_``).
+        progress_bar: keep progress-bar callbacks; ``False`` (``trainer.enable_progress_bar=false``)
+            drops them, since Lightning refuses a progress bar callback when the bar is disabled.
+    """
+    callbacks = [instantiate(node) for _, node in _targets(group)]
+    if not progress_bar:
+        from pytorch_lightning.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
+
+
+def wandb_mode(node: DictConfig) -> str:
+    """The W&B mode for a logger node: ``node.mode`` when set, else ``online`` if ``WANDB_API_KEY`` is
+    set (a key is configured), else ``offline``."""
+    mode = node.get("mode")
+    if mode is None:
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return str(mode)
+
+
+def instantiate_loggers(group: Optional[DictConfig]) -> list[Any]:
+    """One logger per entry of the ``logger`` group; a W&B logger gets its resolved mode."""
+    loggers = []
+    for _, node in _targets(group):
+        if node._target_.endswith("WandbLogger"):
+            mode = wandb_mode(node)
+            node = node.copy()
+            with open_dict(node):
+                node.mode = mode
+                node.offline = mode == "offline"
+        loggers.append(instantiate(node))
+    return loggers
+
+
+def load_weights(module: nn.Module, path: str, strict: bool = True) -> None:
+    """Load only the model weights (``state_dict``) of a Lightning checkpoint into ``module``.
+
+    Optimizer state, epoch and step counters are not restored (that is what ``ckpt_path`` resume
+    does). The keys do not depend on the norm kind, so a checkpoint of a ``norm=sync`` run loads
+    into a ``norm=batch`` model and back.
+
+    Raises:
+        ValueError: the file holds no ``state_dict``, or (``strict``) keys do not match.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if state is None:
+        raise ValueError(f"load_weights: {path} is not a Lightning checkpoint (no 'state_dict'); "
+                         f"found keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+    result = module.load_state_dict(state, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        log.warning("load_weights(%s): missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
+
+
+def report_outputs(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Print (rank 0 only) where the checkpoint and the logs went, and the final metrics."""
+    if not trainer.is_global_zero:
+        return
+    lines = ["", "syncnorm.train finished:"]
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None:
+        last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        lines.append(f"  checkpoint: {last or '(none saved)'}")
+    for logger in trainer.loggers:
+        lines.append(f"  {type(logger).__name__}: {_logger_location(logger)}")
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "train/"))}
+    if shown:
+        lines.append("  metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print("\n".join(lines), flush=True)
+
+
+def _logger_location(logger: Any) -> str:
+    if type(logger).__name__ == "WandbLogger":
+        run = getattr(logger, "_experiment", None)
+        folder = getattr(run, "dir", None) if run is not None else None
+        mode = getattr(getattr(run, "settings", None), "mode", None)
+        return f"{os.path.dirname(folder) if folder else logger.save_dir} (mode {mode})"
+    return str(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None))
+
+
+def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
+    """``trainer.callback_metrics`` as plain floats."""
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def init_distributed_after_restart(accelerator: str) -> bool:
+    """Initialize the process group ourselves when torchrun has restarted the workers.
+
+    After ``torchrun --max-restarts`` restarts a worker group, the rendezvous store still holds the
+    previous attempt's gloo addresses and the new workers' full-mesh connect reads them (connection
+    refused; seen with torch 2.13). Here the group is created on a store prefixed with the restart
+    count, so every attempt has its own keys; Lightning then finds the group initialized and uses it.
+    Does nothing on the first attempt or outside torchrun. Returns whether it initialized the group.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or "MASTER_ADDR" not in os.environ or distributed.is_distributed():
+        return False
+    backend = "nccl" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "gloo"
+    distributed.init_on_fresh_store(f"/syncnorm/attempt_{attempt}", backend)
+    log.info("torchrun restart %d: process group re-created on a fresh store prefix", attempt)
+    return True
+
+
+def resolved_container(cfg: DictConfig) -> dict[str, Any]:
+    """The config as a plain resolved dict (``hydra`` node dropped), for logging."""
+    out: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node: not a hyperparameter (and partly unresolvable here)
+            continue
+        value = cfg[key]
+        out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out

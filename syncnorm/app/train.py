@@ -1,0 +1,109 @@
+"""The app's entry point: ``python -m syncnorm.train [overrides]`` (or ``syncnorm-train``).
+
+``train(cfg)`` builds every object from the config's ``_target_`` entries (data module, LightningModule,
+the norm group's :class:`~syncnorm.callbacks.NormConversion`, callbacks, loggers, Trainer), fits,
+and returns the final metrics; :func:`main` only adds ``@hydra.main``. Configs live in the
+repository's top-level ``conf/`` folder (``train.yaml`` is the root; :func:`~syncnorm.app.config.config_dir`);
+``--config-dir <folder>`` adds a user's own group options. See ``launch/README.md`` for
+single-node, multi-node and SLURM launches.
+
+Examples::
+
+    python -m syncnorm.train                                     # README main job: 2 CPU processes
+    torchrun --standalone --nproc_per_node=2 -m syncnorm.train   # the same, launched by torchrun
+    python -m syncnorm.train trainer=cpu norm=batch data.batch_size=64
+    python -m syncnorm.train model=resnet50 norm=group norm.num_groups=8
+    python -m syncnorm.train experiment=finetune_frozen ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from syncnorm import distributed
+
+from .config import config_dir, import_modules, validate_config
+from .resolvers import register_resolvers
+from .runtime import (init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
+                      report_outputs, resolved_container, to_float_dict)
+
+__all__ = ["CONF_DIR", "train", "main"]
+
+CONF_DIR = config_dir()
+"""The app's config folder (:func:`syncnorm.app.config.config_dir`)."""
+
+log = logging.getLogger(__name__)
+
+register_resolvers()  # ${syncnorm.devices:..}, ${syncnorm.num_nodes:..}, ${syncnorm.run_id:} used by conf/
+
+
+def _net_from_data(net_cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """``num_classes``/``in_channels`` left ``null`` in the model config, taken from the data module."""
+    fill = {}
+    for key, attr in (("num_classes", "num_classes"), ("in_channels", "in_channels")):
+        if key in net_cfg and net_cfg[key] is None:
+            fill[key] = int(getattr(datamodule, attr))
+    return fill
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate ``cfg``, build the run from it, fit, and return the final metrics.
+
+    Args:
+        cfg: the composed config (``conf/train.yaml`` plus overrides).
+
+    Returns:
+        ``trainer.callback_metrics`` as floats (``train/loss``, ``val/acc``, ``norm/...``, ...).
+
+    Raises:
+        ConfigError: invalid values (raised before anything is built).
+    """
+    import_modules(cfg.get("imports"))  # e.g. a module registering a norm kind, before the check
+    validate_config(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)  # the same initial weights on every rank
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model, net=_net_from_data(cfg.model.net, datamodule))
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("checkpoint"):
+        load_weights(model, finetune.checkpoint, strict=bool(finetune.get("strict", True)))
+    # the norm conversion runs first in setup, so the other callbacks see the converted layers
+    show_bar = cfg.trainer.get("enable_progress_bar", True) is not False
+    callbacks = [instantiate(cfg.norm)] + instantiate_callbacks(cfg.get("callbacks"), progress_bar=show_bar)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": resolved_container(cfg)})
+
+    resume = cfg.get("ckpt_path")
+    if resume and resume == finetune.get("checkpoint"):
+        resume = None  # fine-tuning: weights only, fresh optimizer and counters
+    init_distributed_after_restart(str(cfg.trainer.get("accelerator", "cpu")))
+    success = False
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        metrics = to_float_dict(trainer.callback_metrics)
+        report_outputs(trainer, metrics)
+        success = True
+    finally:
+        distributed.shutdown(success)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers."""
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None
+
+
+if __name__ == "__main__":
+    main()
