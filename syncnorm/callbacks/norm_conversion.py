@@ -26,7 +26,10 @@ class NormConversion(pl.Callback):
         **options: options of that kind. For ``auto``, ``per_device_batch`` defaults to the
             datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
             Trainer's. For ``sync``/``renorm``, ``sync_group_size=k`` synchronizes over groups of
-            k consecutive ranks (see :func:`syncnorm.new_sync_groups`) instead of all of them.
+            k consecutive ranks (see :func:`syncnorm.new_sync_groups`) instead of all of them, and
+            ``sync_timeout_s=t`` sets every converted layer's ``sync_timeout_s`` (the bound on a
+            rank's wait for its peers on gloo; ``None``: keep the layer's default,
+            ``syncnorm.distributed.DEFAULT_TIMEOUT_S``).
 
     Raises:
         ValueError: unknown kind (in ``__init__``); ``auto`` without a discoverable batch size.
@@ -49,6 +52,12 @@ class NormConversion(pl.Callback):
         if self.sync_group_size is not None and self.kind not in ("sync", "renorm"):
             raise ValueError(f"NormConversion: sync_group_size applies to kinds 'sync' and 'renorm', "
                              f"got kind {self.kind!r}")
+        self.sync_timeout_s = options.pop("sync_timeout_s", None)
+        if self.sync_timeout_s is not None and (
+                isinstance(self.sync_timeout_s, bool) or not isinstance(self.sync_timeout_s, (int, float))
+                or not self.sync_timeout_s > 0 or self.kind not in ("sync", "renorm")):
+            raise ValueError(f"NormConversion: sync_timeout_s expects a number of seconds > 0 with kind 'sync' "
+                             f"or 'renorm', got {self.sync_timeout_s!r} with kind {self.kind!r}")
         self.options = options  # exactly convert_norms' options
         self.summary: Optional[str] = None
 
@@ -69,6 +78,10 @@ class NormConversion(pl.Callback):
             if "per_device_batch" not in options:
                 options["per_device_batch"] = _batch_size(trainer, pl_module)
         _, self.summary = convert_norms_with_summary(pl_module, self.kind, **options)
+        if self.sync_timeout_s is not None:
+            for module in pl_module.modules():
+                if hasattr(module, "sync_timeout_s"):
+                    module.sync_timeout_s = float(self.sync_timeout_s)
         rank_zero_info(f"NormConversion: {self.summary}")
 
 

@@ -26,9 +26,9 @@ __all__ = ["ConfigError", "validate_config", "NORM_OPTIONS", "WANDB_MODES"]
 
 NORM_OPTIONS: dict[str, tuple[str, ...]] = {
     "batch": (),
-    "sync": ("sync_group_size",),
+    "sync": ("sync_group_size", "sync_timeout_s"),
     "ghost": ("virtual_batch_size",),
-    "renorm": ("r_max", "d_max", "warmup_steps", "momentum", "sync_group_size"),
+    "renorm": ("r_max", "d_max", "warmup_steps", "momentum", "sync_group_size", "sync_timeout_s"),
     "group": ("num_groups",),
     "frozen": (),
     "auto": ("per_device_batch", "min_local_batch", "min_global_batch", "world_size", "virtual_batch_size",
@@ -167,6 +167,9 @@ def _check_norm(cfg: DictConfig, errors: list[str]) -> None:
     k = cfg.norm.get("sync_group_size")
     if k is not None and (not isinstance(k, int) or k < 1):
         errors.append(f"norm.sync_group_size={k!r}: expected null or an int >= 1 dividing the world size")
+    t = cfg.norm.get("sync_timeout_s")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        errors.append(f"norm.sync_timeout_s={t!r}: expected null (the layers' default) or seconds > 0")
     vbs, batch = cfg.norm.get("virtual_batch_size"), cfg.data.get("batch_size")
     if kind == "ghost" and vbs is None:
         errors.append("norm.virtual_batch_size is missing: ghost needs an int >= 1")
