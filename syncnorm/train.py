@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import hydra
 import pytorch_lightning as pl
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -36,7 +37,7 @@ from .utils import (
     shutdown_distributed,
     validate_config,
 )
-from .utils.runtime import resolved_container, to_float_dict
+from .utils.runtime import exit_now, resolved_container, to_float_dict
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -103,8 +104,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers."""
-    metrics = train(cfg)
+    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers.
+
+    A failed distributed run whose process group could not be closed (a peer became unreachable,
+    see :func:`~syncnorm.utils.runtime.shutdown_distributed`) ends the process at once, with the
+    traceback and exit code 1, instead of waiting for gloo's own timeout at interpreter exit.
+    """
+    try:
+        metrics = train(cfg)
+    except Exception:
+        if dist.is_available() and dist.is_initialized():
+            exit_now(1)
+        raise
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 

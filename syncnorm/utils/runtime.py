@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import traceback
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -13,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights", "report_outputs", "shutdown_distributed"]
+__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights", "report_outputs", "shutdown_distributed", "exit_now"]
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +149,47 @@ def init_distributed_after_restart(accelerator: str) -> bool:
     return True
 
 
-def shutdown_distributed(success: bool) -> None:
+def shutdown_distributed(success: bool, timeout_s: float = 10.0) -> bool:
     """End the run's process group, if one is alive: a barrier (on success), then
     ``destroy_process_group``. Without it, gloo can abort at interpreter exit with "terminate called
-    without an active exception" while the group is still alive. After a failure the barrier is
-    skipped (a peer may never reach it)."""
+    without an active exception" while the group is still alive.
+
+    After a failure the barrier is skipped (a peer may never reach it) and the group is destroyed in
+    a helper thread, waited for at most ``timeout_s``: when a peer became unreachable (its link went
+    down, its host froze), gloo's pending receive holds ``destroy_process_group`` (and the interpreter's
+    exit) until the process group's own timeout, 30 minutes by default. Then the group is left as it
+    is and ``False`` is returned: the process should end with ``os._exit`` (:func:`exit_now`).
+
+    Returns:
+        ``True`` when no group is left (none existed, or it was destroyed).
+    """
     if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        if success:
+        return True
+    if success:
+        try:
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        finally:
+            dist.destroy_process_group()
+        return True
+    closer = threading.Thread(target=dist.destroy_process_group, name="syncnorm-destroy-pg", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.error("the process group could not be closed within %g s (a peer is unreachable); leaving it", timeout_s)
+        return False
+    return True
+
+
+def exit_now(code: int = 1) -> None:
+    """Print the exception being handled, flush the logs and end the process at once (``os._exit``):
+    for a failed distributed run whose process group could not be closed (see
+    :func:`shutdown_distributed`), which would otherwise hold the interpreter's exit until gloo's
+    own timeout. torchrun sees the exit code and can restart the workers."""
+    traceback.print_exc()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
