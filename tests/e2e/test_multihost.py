@@ -135,3 +135,82 @@ def test_two_hosts_sync_equals_one_process_on_the_combined_batch(hosts, tmp_path
     assert any(k.endswith("running_var") for k in want["state_dict"])
     assert_same_state(got["state_dict"], want["state_dict"])
     print(f"two hosts x 1 process: {wall:.1f} s")
+
+
+FAULT_LAYER = "net.layer2.0.bn1"
+SYNC_ERROR = re.compile(r"SyncError: SyncBatchNorm '(?P<layer>[\w.]+)': (?:forward|backward)[\w ]* all_reduce on rank "
+                        r"(?P<rank>\d+) did not complete: no answer within (?P<timeout>[\d.]+) s")
+
+
+def pause_in_layer(signal_file: Path, step: int, pause_s: float = 3.0) -> list[str]:
+    """Overrides adding :class:`tests.helpers.probes.PauseInLayer` (active where SN_TEST_PAUSE is set)."""
+    return ["+callbacks.pause._target_=tests.helpers.probes.PauseInLayer", f"+callbacks.pause.layer={FAULT_LAYER}",
+            f"+callbacks.pause.step={step}", f"+callbacks.pause.signal_file={signal_file}",
+            f"+callbacks.pause.pause_s={pause_s}", "+callbacks.pause.env_flag=SN_TEST_PAUSE"]
+
+
+def cut_link_during_pause(hosts: TwoHosts, procs, signal_file: Path, timeout_s: float = 120) -> float:
+    """Wait until hostB's rank pauses inside ``FAULT_LAYER``, cut hostB's link; the time of the cut."""
+    deadline = time.monotonic() + timeout_s
+    while not signal_file.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            pytest.fail(f"the run never reached the pause\n{tails(hosts)}")
+        time.sleep(0.05)
+    hosts.link_down(hosts.b)
+    return time.monotonic()
+
+
+def wait_sync_errors(hosts: TwoHosts, since: float, limit_s: float) -> dict[str, tuple[float, re.Match]]:
+    """``{host label: (seconds after since, first SyncError match)}`` for each host whose log shows
+    a SyncError within ``limit_s`` seconds of ``since``."""
+    seen: dict[str, tuple[float, re.Match]] = {}
+    while len(seen) < 2 and time.monotonic() < since + limit_s:
+        for host in (hosts.a, hosts.b):
+            if host.label not in seen:
+                match = SYNC_ERROR.search(hosts.log(host.label))
+                if match:
+                    seen[host.label] = (time.monotonic() - since, match)
+        time.sleep(0.1)
+    return seen
+
+
+def workers(hosts: TwoHosts, host: Host) -> list[int]:
+    """pids of the training processes (torchrun's workers, not the agent) inside ``host``."""
+    return [pid for pid, argv in hosts.commands(host).items()
+            if "syncnorm.train" in argv and "torch.distributed.run" not in argv]
+
+
+def wait_workers_gone(hosts: TwoHosts, since: float, limit_s: float) -> dict[str, float]:
+    """``{host label: seconds after since}`` for each host whose workers have all ended within
+    ``limit_s`` seconds of ``since``."""
+    gone: dict[str, float] = {}
+    while len(gone) < 2 and time.monotonic() < since + limit_s:
+        for host in (hosts.a, hosts.b):
+            if host.label not in gone and not workers(hosts, host):
+                gone[host.label] = time.monotonic() - since
+        time.sleep(0.2)
+    return gone
+
+
+def test_link_down_on_hostB_makes_every_rank_raise_sync_error_naming_the_layer(hosts, tmp_path):
+    timeout_s = 5
+    signal_file = tmp_path / "paused"
+    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", f"norm.sync_timeout_s={timeout_s}",
+                                          *pause_in_layer(signal_file, step=4)],
+                        env_b={"SN_TEST_PAUSE": "1"})
+    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    seen = wait_sync_errors(hosts, t_cut, timeout_s + 30)
+    exited = wait_workers_gone(hosts, t_cut, timeout_s + 30)  # the link still down: each ends on its own
+    hosts.link_up(hosts.b)  # then hostB's agent reaches the store again to shut down
+    codes = wait_all(hosts, procs, 90)
+    t_end = time.monotonic() - t_cut
+    assert set(seen) == {"hostA", "hostB"}, f"SyncError seen on {sorted(seen)} only\n{tails(hosts)}"
+    for label, (after, match) in seen.items():
+        assert match["layer"] == FAULT_LAYER and float(match["timeout"]) == timeout_s, match.group(0)
+        assert after <= timeout_s + 30, (label, after)
+    assert {seen["hostA"][1]["rank"], seen["hostB"][1]["rank"]} == {"0", "1"}
+    assert set(exited) == {"hostA", "hostB"}, f"workers still running: {sorted(exited)} ended\n{tails(hosts)}"
+    assert codes[0] != 0 and codes[1] != 0, (codes, tails(hosts))
+    print(f"link down: SyncError after {seen['hostA'][0]:.1f} s (hostA), {seen['hostB'][0]:.1f} s (hostB); "
+          f"workers ended after {exited['hostA']:.1f} s / {exited['hostB']:.1f} s (link still down); "
+          f"both torchruns ended {t_end:.1f} s after the cut")

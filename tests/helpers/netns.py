@@ -135,12 +135,23 @@ class TwoHosts:
                     raise RuntimeError(f"{src.label} has no route to {dst.addr}: {route.stdout}{route.stderr}")
                 time.sleep(0.05)
 
-    def pids(self) -> list[int]:
-        """Every process inside either namespace."""
+    def pids(self, host: Optional[Host] = None) -> list[int]:
+        """Every process inside ``host`` (default: inside either namespace)."""
         out: list[int] = []
-        for ns in self._made:
+        for ns in ([host.netns] if host is not None else self._made):
             proc = _ip("netns", "pids", ns, check=False)
             out += [int(p) for p in proc.stdout.split() if p.isdigit()]
+        return out
+
+    def commands(self, host: Host) -> dict[int, list[str]]:
+        """``{pid: argv}`` of the processes inside ``host``."""
+        out = {}
+        for pid in self.pids(host):
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # ended meanwhile
+                continue
+            out[pid] = raw.decode(errors="replace").split("\0")
         return out
 
     def close(self) -> None:
