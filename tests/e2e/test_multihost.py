@@ -88,11 +88,12 @@ def run_dir(workdir: Path) -> Path:
     return workdir / "logs" / "train" / "runs" / RUN_ID
 
 
-def single_process_reference(folder: Path, overrides: Sequence[str] = ()) -> Path:
-    """One process, ``norm=batch``, the combined batch (16): the run that 2 x 8 with sync must equal."""
-    cfg = compose_cfg(folder, [*TINY, *QUIET, "logger=csv", "trainer=cpu", "norm=batch", "data.batch_size=16",
-                               *overrides])
-    train(cfg)
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory) -> Path:
+    """The folder of one process, ``norm=batch``, on the combined batch (16): the run that 2 hosts x
+    batch 8 with ``norm=sync`` must equal (``csv/metrics.csv``, ``checkpoints/last.ckpt``)."""
+    folder = tmp_path_factory.mktemp("single")
+    train(compose_cfg(folder, [*TINY, *QUIET, "logger=csv", "trainer=cpu", "norm=batch", "data.batch_size=16"]))
     return folder
 
 
@@ -107,7 +108,7 @@ def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_two_hosts_sync_equals_one_process_on_the_combined_batch(hosts, tmp_path):
+def test_two_hosts_sync_equals_one_process_on_the_combined_batch(hosts, tmp_path, single_process_reference):
     t0 = time.monotonic()
     procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv"])
     codes = wait_all(hosts, procs, 150)
@@ -124,7 +125,7 @@ def test_two_hosts_sync_equals_one_process_on_the_combined_batch(hosts, tmp_path
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log_a + log_b
     wall = time.monotonic() - t0
 
-    ref = single_process_reference(tmp_path / "single")
+    ref = single_process_reference
     got_losses = step_losses(run_dir(tmp_path) / "csv" / "metrics.csv")
     ref_losses = step_losses(ref / "csv" / "metrics.csv")
     assert sorted(got_losses) == sorted(ref_losses) == list(range(STEPS))
@@ -214,3 +215,34 @@ def test_link_down_on_hostB_makes_every_rank_raise_sync_error_naming_the_layer(h
     print(f"link down: SyncError after {seen['hostA'][0]:.1f} s (hostA), {seen['hostB'][0]:.1f} s (hostB); "
           f"workers ended after {exited['hostA']:.1f} s / {exited['hostB']:.1f} s (link still down); "
           f"both torchruns ended {t_end:.1f} s after the cut")
+
+
+def test_link_down_then_up_restarts_and_resumes_without_lost_steps(hosts, tmp_path, single_process_reference):
+    """``MAX_RESTARTS=1`` and ``ckpt_path=last``: the link is cut inside a synchronized layer in the
+    second epoch; every worker raises SyncError, the link comes back, both agents restart their
+    workers, which resume from the first epoch's ``last.ckpt``. The uninterrupted run it must equal
+    is one process on the combined batch (equal to the two-host run: the first test)."""
+    timeout_s = 5
+    signal_file = tmp_path / "paused"
+    restart = {"MAX_RESTARTS": "1"}
+    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", "ckpt_path=last", f"norm.sync_timeout_s={timeout_s}",
+                                          *pause_in_layer(signal_file, step=4)],
+                        env_a=restart, env_b={"SN_TEST_PAUSE": "1", **restart})
+    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    seen = wait_sync_errors(hosts, t_cut, timeout_s + 30)
+    assert set(seen) == {"hostA", "hostB"}, f"SyncError seen on {sorted(seen)} only\n{tails(hosts)}"
+    hosts.link_up(hosts.b)
+    t_up = time.monotonic()
+    codes = wait_all(hosts, procs, 120)
+    assert codes == [0, 0], tails(hosts)
+    both = hosts.log("hostA") + hosts.log("hostB")
+    assert "1/1 attempts left; will restart worker group" in both, tails(hosts)
+    assert "restart_count=1" in both and "torchrun restart 1: process group re-created" in both, tails(hosts)
+    assert "Restoring states from the checkpoint path at" in both, tails(hosts)
+
+    ref = single_process_reference
+    got, want = load_ckpt(run_dir(tmp_path) / "checkpoints" / "last.ckpt"), load_ckpt(ref / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == want["global_step"] == STEPS and got["epoch"] == want["epoch"]
+    assert_same_state(got["state_dict"], want["state_dict"])
+    print(f"link down then up: SyncError after {seen['hostA'][0]:.1f} / {seen['hostB'][0]:.1f} s; "
+          f"the job finished {time.monotonic() - t_up:.1f} s after the link came back")
