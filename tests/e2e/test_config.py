@@ -95,6 +95,8 @@ def test_trainer_options(tmp_path, monkeypatch):
     assert type(ddp.strategy).__name__ == "DDPStrategy" and ddp.num_devices == 2 and ddp.num_nodes == 1
     multi = instantiate(compose_cfg(tmp_path, ["trainer=multinode"]).trainer, logger=False)
     assert multi.num_devices == 1 and multi.num_nodes == 1
+    assert type(multi.strategy).__name__ == "DDPStrategy" and multi.strategy._ddp_kwargs == {"broadcast_buffers": False}
+    assert multi.strategy._timeout.total_seconds() == 1800
     for option in ("gpu", "ddp_gpu"):
         cfg = compose_cfg(tmp_path, [f"trainer={option}"])
         assert cfg.trainer.accelerator == "gpu"
