@@ -56,3 +56,46 @@ class PauseInLayer(pl.Callback):
                 time.sleep(self.pause_s)
 
         layer.register_forward_pre_hook(pause)
+
+
+class RowGroupBatchNorm(torch.nn.Module):
+    """Reference for synchronization groups in one process: rows ``p`` of a batch with
+    ``(p % world) // group_size == g`` (the rows rank ``p % world`` holds under the data modules'
+    sampler) are normalized with their own statistics and update running buffers of their own
+    (``running_mean_g<g>``...). Shares the weight and bias Parameters of the BatchNorm it replaces."""
+
+    def __init__(self, bn: torch.nn.modules.batchnorm._BatchNorm, world: int, group_size: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.momentum = bn.weight, bn.bias, bn.eps, bn.momentum
+        self.world, self.group_size = world, group_size
+        for g in range(world // group_size):
+            self.register_buffer(f"running_mean_g{g}", bn.running_mean.detach().clone())
+            self.register_buffer(f"running_var_g{g}", bn.running_var.detach().clone())
+            self.register_buffer(f"num_batches_tracked_g{g}", bn.num_batches_tracked.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # evaluation is not compared; group 0's statistics
+            return torch.nn.functional.batch_norm(x, self.running_mean_g0, self.running_var_g0, self.weight,
+                                                  self.bias, False, 0.0, self.eps)
+        out = torch.empty_like(x)
+        group = (torch.arange(x.shape[0]) % self.world) // self.group_size
+        for g in range(self.world // self.group_size):
+            rows = group == g
+            getattr(self, f"num_batches_tracked_g{g}").add_(1)
+            out[rows] = torch.nn.functional.batch_norm(
+                x[rows], getattr(self, f"running_mean_g{g}"), getattr(self, f"running_var_g{g}"), self.weight,
+                self.bias, True, self.momentum, self.eps)
+        return out
+
+
+class SplitBatchNormByGroup(pl.Callback):
+    """In ``setup``, replace every ``BatchNorm2d`` of the module by :class:`RowGroupBatchNorm`."""
+
+    def __init__(self, world: int, group_size: int) -> None:
+        self.world, self.group_size = int(world), int(group_size)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name, module in list(pl_module.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(module, child_name, RowGroupBatchNorm(child, self.world, self.group_size))
