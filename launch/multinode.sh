@@ -50,8 +50,9 @@ RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python}
 [[ $NNODES =~ ^[1-9][0-9]*$ ]] || die "expected NNODES to be a positive integer, got '$NNODES'"
-[[ $NODE_RANK =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
-  || die "expected NODE_RANK in 0..$((NNODES - 1)), got '$NODE_RANK'"
+if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+  die "expected NODE_RANK in 0..$((NNODES - 1)), got '$NODE_RANK'"
+fi
 [[ $MASTER_PORT =~ ^[0-9]+$ ]] || die "expected MASTER_PORT to be a port number, got '$MASTER_PORT'"
 [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "expected RDZV_TIMEOUT in whole seconds > 0, got '$RDZV_TIMEOUT'"
 
@@ -60,6 +61,7 @@ if [[ -z "${NODE_ADDR:-}" || -z "${NODE_IFNAME:-}" ]]; then
   command -v ip >/dev/null || die "the 'ip' command (iproute2) is missing: set NODE_ADDR and NODE_IFNAME"
   route=$(ip -o route get "$MASTER_ADDR" 2>&1) \
     || die "no route to MASTER_ADDR=$MASTER_ADDR ($route); set MASTER_ADDR to node 0's address"
+  route=${route%% \\*}  # one line: drop "\    cache ..."
   if (( NODE_RANK == 0 )); then
     [[ $route == local\ * ]] || die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not one of \
 its addresses (route: $route). Set MASTER_ADDR to node 0's address on the network the nodes share \

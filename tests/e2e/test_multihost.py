@@ -17,6 +17,7 @@ Without root or ``ip netns`` these tests skip with that reason (CI runs as root)
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -298,3 +299,54 @@ def test_two_hosts_two_processes_each_host_group_is_batchnorm_over_its_combined_
     key = "net.bn1.running_mean"
     assert (ranks[0]["state_dict"][key] - ranks[2]["state_dict"][key]).abs().max() > 1e-3
     print(f"two hosts x 2 processes: {wall:.1f} s")
+
+
+_RUNS = itertools.count()
+
+
+def run_launcher_alone(hosts: TwoHosts, host: Host, node_rank: int, master_addr: str, timeout_s: float,
+                       **extra: str) -> tuple[int, str, float]:
+    """``multinode.sh`` on one host only: (exit code, output, seconds)."""
+    start, name = time.monotonic(), f"alone-{host.label}-{node_rank}-{next(_RUNS)}"
+    proc = hosts.start(host, [str(LAUNCHER), "logger=none"],
+                       node_env(hosts, node_rank, 1, MASTER_ADDR=master_addr, **extra), hosts.log_dir, log_name=name)
+    code = wait_all(hosts, [proc], timeout_s)[0]
+    return code, hosts.log(name), time.monotonic() - start
+
+
+def test_unreachable_rendezvous_fails_in_bounded_time_naming_address_port_and_variables(hosts):
+    """hostB (node 1) and no node 0: the launcher's store check gives up after RDZV_TIMEOUT."""
+    code, out, seconds = run_launcher_alone(hosts, hosts.b, 1, hosts.a.addr, 30, RDZV_TIMEOUT="3")
+    assert code == 2, out
+    assert "no rendezvous at 10.77.0.1:29500 after 3 s (from 10.77.0.2 on sn-vB)" in out, out
+    for variable in ("MASTER_ADDR", "MASTER_PORT", "RDZV_TIMEOUT"):
+        assert variable in out, (variable, out)
+    assert seconds < 3 + 10, seconds  # the check itself, bash only: no torchrun was started
+    assert "torch.distributed.run" not in out
+    # the same when what is sent to node 0 vanishes (hostA's end of the link down: hostB keeps its route)
+    hosts.link_down(hosts.a)
+    code, out, seconds = run_launcher_alone(hosts, hosts.b, 1, hosts.a.addr, 30, RDZV_TIMEOUT="3")
+    assert code == 2 and "no rendezvous at 10.77.0.1:29500 after 3 s" in out and seconds < 3 + 10, (seconds, out)
+    # and at once when this node has no route to MASTER_ADDR (its own link down)
+    hosts.link_up(hosts.a)
+    hosts.link_down(hosts.b)
+    code, out, seconds = run_launcher_alone(hosts, hosts.b, 1, hosts.a.addr, 30, RDZV_TIMEOUT="3")
+    assert code == 2 and "no route to MASTER_ADDR=10.77.0.1 (RTNETLINK answers: Network is unreachable)" in out, out
+
+
+def test_master_addr_on_the_wrong_node_fails_at_once(hosts):
+    code, out, seconds = run_launcher_alone(hosts, hosts.a, 0, hosts.b.addr, 30)
+    assert code == 2 and "node 0 hosts the rendezvous, but MASTER_ADDR=10.77.0.2 is not one of its addresses " \
+        "(route: 10.77.0.2 dev sn-vA src 10.77.0.1 uid 0)" in out, out
+    code, out, _ = run_launcher_alone(hosts, hosts.b, 1, hosts.b.addr, 30)
+    assert code == 2 and "MASTER_ADDR=10.77.0.2 is an address of this machine, but NODE_RANK=1" in out, out
+    code, out, _ = run_launcher_alone(hosts, hosts.b, 1, "10.99.0.1", 30)  # no route at all (nothing is sent)
+    assert code == 2 and "no route to MASTER_ADDR=10.99.0.1" in out, out
+
+
+def test_node_0_alone_gives_up_after_the_join_timeout(hosts):
+    """Node 0 hosts the store and waits for the others at most RDZV_TIMEOUT (torchrun's join_timeout)."""
+    code, out, seconds = run_launcher_alone(hosts, hosts.a, 0, hosts.a.addr, 90, RDZV_TIMEOUT="5")
+    assert code != 0 and "RendezvousTimeoutError" in out, out
+    assert seconds < 5 + 30, seconds
+    print(f"node 0 alone: torchrun gave up after {seconds:.1f} s")
