@@ -56,40 +56,11 @@ fi
 [[ $MASTER_PORT =~ ^[0-9]+$ ]] || die "expected MASTER_PORT to be a port number, got '$MASTER_PORT'"
 [[ $RDZV_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "expected RDZV_TIMEOUT in whole seconds > 0, got '$RDZV_TIMEOUT'"
 
-# This node's address and interface, from the kernel's route to MASTER_ADDR.
-if [[ -z "${NODE_ADDR:-}" || -z "${NODE_IFNAME:-}" ]]; then
-  command -v ip >/dev/null || die "the 'ip' command (iproute2) is missing: set NODE_ADDR and NODE_IFNAME"
-  route=$(ip -o route get "$MASTER_ADDR" 2>&1) \
-    || die "no route to MASTER_ADDR=$MASTER_ADDR ($route); set MASTER_ADDR to node 0's address"
-  route=${route%% \\*}  # one line: drop "\    cache ..."
-  if (( NODE_RANK == 0 )); then
-    [[ $route == local\ * ]] || die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not one of \
-its addresses (route: $route). Set MASTER_ADDR to node 0's address on the network the nodes share \
-(ip -o -4 addr lists them)."
-    read -r -a held <<<"$(ip -o addr show to "$MASTER_ADDR")"
-    [[ ${#held[@]} -ge 2 ]] || die "no interface holds MASTER_ADDR=$MASTER_ADDR; set NODE_IFNAME"
-    derived_addr=$MASTER_ADDR
-    derived_ifname=${held[1]%%@*}
-  else
-    [[ $route == local\ * ]] && die "MASTER_ADDR=$MASTER_ADDR is an address of this machine, but \
-NODE_RANK=$NODE_RANK (only node 0 hosts the rendezvous). Run node 0 there, or set MASTER_ADDR to node 0's address."
-    read -r -a words <<<"$route"
-    derived_addr="" derived_ifname=""
-    for ((i = 0; i + 1 < ${#words[@]}; i++)); do
-      case ${words[i]} in
-        src) derived_addr=${words[i + 1]} ;;
-        dev) derived_ifname=${words[i + 1]} ;;
-      esac
-    done
-    [[ -n $derived_addr && -n $derived_ifname ]] \
-      || die "cannot read this node's address from the route to $MASTER_ADDR ($route); set NODE_ADDR and NODE_IFNAME"
-  fi
-  NODE_ADDR=${NODE_ADDR:-$derived_addr}
-  NODE_IFNAME=${NODE_IFNAME:-$derived_ifname}
-fi
-export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$NODE_IFNAME}
+# This node's address and interface, from the kernel's route to MASTER_ADDR (launch/node_net.sh).
+# shellcheck source=launch/node_net.sh
+source "$(dirname "${BASH_SOURCE[0]}")/node_net.sh"
+node_net "$NODE_RANK"
 export LOGLEVEL=${LOGLEVEL:-INFO}  # torchrun prints the rendezvous result (master_addr, ranks) and restarts
-export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NODE_IFNAME}
 
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

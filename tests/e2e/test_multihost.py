@@ -350,3 +350,38 @@ def test_node_0_alone_gives_up_after_the_join_timeout(hosts):
     assert code != 0 and "RendezvousTimeoutError" in out, out
     assert seconds < 5 + 30, seconds
     print(f"node 0 alone: torchrun gave up after {seconds:.1f} s")
+
+
+STUBS = {  # stand-ins for SLURM's commands and the interpreter: what slurm.sbatch derives, per node
+    "scontrol": '#!/usr/bin/env bash\ncase "$1 $2" in\n  "show hostnames") printf "nodea\\nnodeb\\n" ;;\n'
+                '  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=$STUB_NODEADDR NodeHostName=$3" ;;\nesac\n',
+    "srun": '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',  # the task, here
+    "python": '#!/usr/bin/env bash\necho "TASK node=$SLURM_NODEID MASTER_ADDR=$MASTER_ADDR '
+              'GLOO=$GLOO_SOCKET_IFNAME NCCL=$NCCL_SOCKET_IFNAME args=$*"\n',
+}
+
+
+def test_slurm_batch_script_takes_master_from_slurm_and_each_task_its_interface_from_the_route(hosts, tmp_path):
+    """``launch/slurm.sbatch`` with ``scontrol``/``srun`` stubs: MASTER_ADDR is the first host's
+    NodeAddr, and the task on each host binds gloo/NCCL to its own interface (sn-vA on node 0,
+    sn-vB on node 1). SLURM itself cannot run here; this checks what the script derives."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    base = {k: v for k, v in env().items() if k not in ("GLOO_SOCKET_IFNAME", "MASTER_ADDR")}
+    base.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHON=str(stubs / "python"),
+                SLURM_JOB_NODELIST="node[a-b]", SLURM_JOB_ID="1234", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1",
+                SLURM_SUBMIT_DIR=str(REPO), STUB_NODEADDR=hosts.a.addr)
+    script = str(REPO / "launch" / "slurm.sbatch")
+    for node, host in enumerate((hosts.a, hosts.b)):
+        proc = hosts.start(host, ["bash", script, "norm=sync"], dict(base, SLURM_NODEID=str(node)), tmp_path,
+                           log_name=f"slurm-{node}")
+        assert wait_all(hosts, [proc], 30) == [0], hosts.log(f"slurm-{node}")
+        assert (f"TASK node={node} MASTER_ADDR=10.77.0.1 GLOO={host.ifname} NCCL={host.ifname} "
+                "args=-m syncnorm.train trainer=multinode norm=sync") in hosts.log(f"slurm-{node}")
+    proc = hosts.start(hosts.a, ["bash", script], dict(base, SLURM_NODEID="0", STUB_NODEADDR="nodea"), tmp_path,
+                       log_name="slurm-name")
+    assert wait_all(hosts, [proc], 30) == [2]
+    assert "NodeAddr of nodea is 'nodea', not an IPv4 address; set MASTER_ADDR" in hosts.log("slurm-name")
