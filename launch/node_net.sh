@@ -7,8 +7,8 @@
 # Reads MASTER_ADDR (an IP address of node 0) and the overrides NODE_ADDR, NODE_IFNAME,
 # GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; sets NODE_ADDR and NODE_IFNAME and exports
 # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (default: NODE_IFNAME). Node 0 must hold MASTER_ADDR
-# (NODE_ADDR = MASTER_ADDR, NODE_IFNAME = the interface holding it); any other node must not
-# (NODE_ADDR, NODE_IFNAME = the route's "src" and "dev"). Errors go through die().
+# (NODE_ADDR = MASTER_ADDR, NODE_IFNAME = the interface holding it; so does any node started on the
+# same machine); another node takes the route's "src" and "dev". Errors go through die().
 
 node_net() {
   local rank=$1 route derived_addr="" derived_ifname="" i
@@ -18,17 +18,15 @@ node_net() {
     route=$(ip -o route get "$MASTER_ADDR" 2>&1) \
       || die "no route to MASTER_ADDR=$MASTER_ADDR ($route); set MASTER_ADDR to node 0's address"
     route=${route%% \\*}  # one line: drop "\    cache ..."
-    if (( rank == 0 )); then
-      [[ $route == local\ * ]] || die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not one \
-of its addresses (route: $route). Set MASTER_ADDR to node 0's address on the network the nodes share \
-(ip -o -4 addr lists them)."
+    if [[ $route == local\ * ]]; then  # this machine holds MASTER_ADDR: node 0 (or all nodes on one machine)
       read -r -a held <<<"$(ip -o addr show to "$MASTER_ADDR")"
       (( ${#held[@]} >= 2 )) || die "no interface holds MASTER_ADDR=$MASTER_ADDR; set NODE_IFNAME"
       derived_addr=$MASTER_ADDR
       derived_ifname=${held[1]%%@*}
+    elif (( rank == 0 )); then
+      die "node 0 hosts the rendezvous, but MASTER_ADDR=$MASTER_ADDR is not one of its addresses \
+(route: $route). Set MASTER_ADDR to node 0's address on the network the nodes share (ip -o -4 addr lists them)."
     else
-      [[ $route == local\ * ]] && die "MASTER_ADDR=$MASTER_ADDR is an address of this machine, but \
-NODE_RANK=$rank (only node 0 hosts the rendezvous). Run node 0 there, or set MASTER_ADDR to node 0's address."
       read -r -a words <<<"$route"
       for ((i = 0; i + 1 < ${#words[@]}; i++)); do
         case ${words[i]} in

@@ -147,11 +147,13 @@ SYNC_ERROR = re.compile(r"SyncError: SyncBatchNorm '(?P<layer>[\w.]+)': (?:forwa
                         r"(?P<rank>\d+) did not complete: no answer within (?P<timeout>[\d.]+) s")
 
 
-def pause_in_layer(signal_file: Path, step: int, pause_s: float = 3.0) -> list[str]:
+def pause_in_layer(signal_file: Path, step: int, pause_s: float = 3.0, layer: str = FAULT_LAYER,
+                   in_gradient: bool = False) -> list[str]:
     """Overrides adding :class:`tests.helpers.probes.PauseInLayer` (active where SN_TEST_PAUSE is set)."""
-    return ["+callbacks.pause._target_=tests.helpers.probes.PauseInLayer", f"+callbacks.pause.layer={FAULT_LAYER}",
+    return ["+callbacks.pause._target_=tests.helpers.probes.PauseInLayer", f"+callbacks.pause.layer={layer}",
             f"+callbacks.pause.step={step}", f"+callbacks.pause.signal_file={signal_file}",
-            f"+callbacks.pause.pause_s={pause_s}", "+callbacks.pause.env_flag=SN_TEST_PAUSE"]
+            f"+callbacks.pause.pause_s={pause_s}", "+callbacks.pause.env_flag=SN_TEST_PAUSE",
+            f"+callbacks.pause.in_gradient={str(in_gradient).lower()}"]
 
 
 def cut_link_during_pause(hosts: TwoHosts, procs, signal_file: Path, timeout_s: float = 120) -> float:
@@ -219,6 +221,29 @@ def test_link_down_on_hostB_makes_every_rank_raise_sync_error_naming_the_layer(h
     print(f"link down: SyncError after {seen['hostA'][0]:.1f} s (hostA), {seen['hostB'][0]:.1f} s (hostB); "
           f"workers ended after {exited['hostA']:.1f} s / {exited['hostB']:.1f} s (link still down); "
           f"both torchruns ended {t_end:.1f} s after the cut")
+
+
+def test_link_down_outside_the_layers_is_bounded_by_the_process_group_timeout(hosts, tmp_path):
+    """The cut while the ranks wait in DDP's gradient all_reduce (hostB pauses in the backward of
+    ``net.conv1``, whose gradient completes the bucket): no synchronized layer is involved, so the
+    bound is the process group's timeout, ``trainer.strategy.timeout`` (here 10 s): every rank fails
+    with gloo's timeout and its worker ends, the link still down."""
+    pg_timeout_s = 10
+    signal_file = tmp_path / "paused"
+    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", f"trainer.strategy.timeout.seconds={pg_timeout_s}",
+                                          *pause_in_layer(signal_file, step=4, layer="net.conv1", in_gradient=True)],
+                        env_b={"SN_TEST_PAUSE": "1"})
+    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    exited = wait_workers_gone(hosts, t_cut, pg_timeout_s + 30)
+    hosts.link_up(hosts.b)
+    codes = wait_all(hosts, procs, 90)
+    assert set(exited) == {"hostA", "hostB"}, f"workers still running: {sorted(exited)} ended\n{tails(hosts)}"
+    for host in (hosts.a, hosts.b):
+        assert f"Timed out waiting {pg_timeout_s * 1000}ms for recv operation to complete" in hosts.log(host.label), \
+            tails(hosts)
+        assert "SyncError" not in hosts.log(host.label)
+    assert codes[0] != 0 and codes[1] != 0, (codes, tails(hosts))
+    print(f"link down in DDP's all_reduce: workers ended after {exited['hostA']:.1f} s / {exited['hostB']:.1f} s")
 
 
 def test_link_down_then_up_restarts_and_resumes_without_lost_steps(hosts, tmp_path, single_process_reference):
@@ -338,8 +363,9 @@ def test_master_addr_on_the_wrong_node_fails_at_once(hosts):
     code, out, seconds = run_launcher_alone(hosts, hosts.a, 0, hosts.b.addr, 30)
     assert code == 2 and "node 0 hosts the rendezvous, but MASTER_ADDR=10.77.0.2 is not one of its addresses " \
         "(route: 10.77.0.2 dev sn-vA src 10.77.0.1 uid 0)" in out, out
-    code, out, _ = run_launcher_alone(hosts, hosts.b, 1, hosts.b.addr, 30)
-    assert code == 2 and "MASTER_ADDR=10.77.0.2 is an address of this machine, but NODE_RANK=1" in out, out
+    # node 1 on the machine that holds MASTER_ADDR: "nodes" sharing one machine use that address too
+    code, out, _ = run_launcher_alone(hosts, hosts.b, 1, hosts.b.addr, 30, RDZV_TIMEOUT="1")
+    assert code == 2 and "node 1/2 at 10.77.0.2 (sn-vB), rendezvous 10.77.0.2:29500" in out, out
     code, out, _ = run_launcher_alone(hosts, hosts.b, 1, "10.99.0.1", 30)  # no route at all (nothing is sent)
     assert code == 2 and "no route to MASTER_ADDR=10.99.0.1" in out, out
 

@@ -37,11 +37,14 @@ class SaveRankState(pl.Callback):
 
 
 class PauseInLayer(pl.Callback):
-    """See the module docstring."""
+    """See the module docstring. With ``in_gradient=True`` the pause is in the backward instead, when
+    the gradient of ``layer``'s weight is computed (before DDP's all_reduce of its bucket): the peers
+    then wait in DDP's gradient all_reduce, outside any synchronized layer."""
 
-    def __init__(self, layer: str, step: int, signal_file: str, pause_s: float, env_flag: str) -> None:
+    def __init__(self, layer: str, step: int, signal_file: str, pause_s: float, env_flag: str,
+                 in_gradient: bool = False) -> None:
         self.layer, self.step, self.pause_s = layer, int(step), float(pause_s)
-        self.signal_file, self.env_flag = Path(signal_file), env_flag
+        self.signal_file, self.env_flag, self.in_gradient = Path(signal_file), env_flag, bool(in_gradient)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or not os.environ.get(self.env_flag):
@@ -49,13 +52,16 @@ class PauseInLayer(pl.Callback):
         layer = pl_module.get_submodule(self.layer)
         fired = []
 
-        def pause(module: torch.nn.Module, args: tuple) -> None:
-            if module.training and trainer.global_step == self.step and not fired:
+        def pause(*_: object) -> None:
+            if pl_module.training and trainer.global_step == self.step and not fired:
                 fired.append(True)
                 self.signal_file.write_text(f"rank {trainer.global_rank} pausing in {self.layer}\n")
                 time.sleep(self.pause_s)
 
-        layer.register_forward_pre_hook(pause)
+        if self.in_gradient:
+            layer.weight.register_hook(pause)
+        else:
+            layer.register_forward_pre_hook(pause)
 
 
 class RowGroupBatchNorm(torch.nn.Module):
