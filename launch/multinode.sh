@@ -8,20 +8,21 @@
 #     NPROC_PER_NODE=8 launch/multinode.sh norm=sync       NPROC_PER_NODE=8 launch/multinode.sh norm=sync
 #
 # What it derives (no hostname resolution, no 127.0.0.1):
-#   - this node's address and interface from the route to MASTER_ADDR (`ip route get`); on node 0,
-#     MASTER_ADDR itself and the interface that holds it (it must be one of node 0's addresses);
+#   - this node's address and interface from the route to MASTER_ADDR (`ip route get`,
+#     launch/node_net.sh); on node 0 (and any node on the same machine), MASTER_ADDR itself and the
+#     interface that holds it (it must be one of node 0's addresses);
 #   - node 0 hosts the rendezvous store (--rdzv-conf is_host=1, the others is_host=0), every node
 #     advertises its own address (--local-addr), so the workers' MASTER_ADDR is node 0's address;
 #   - GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME: that interface, unless already set;
 #   - nodes other than 0 first wait up to RDZV_TIMEOUT seconds for the store to accept connections
-#     and otherwise fail, naming the address, the port and the variables to check.
+#     and otherwise fail, naming the address, the port and the variables to check;
+#   - LOGLEVEL=INFO (unless set): torchrun logs the rendezvous result (master_addr, ranks) and restarts.
 #
 # Environment:
 #   NNODES          number of nodes (required)
 #   NODE_RANK       this node's index, 0..NNODES-1 (required; node 0 hosts the rendezvous; c10d
 #                   assigns the final ranks)
-#   MASTER_ADDR     node 0's address, reachable from every node (required; an IP address, or a name
-#                   that resolves to the same address on every node)
+#   MASTER_ADDR     node 0's IP address, reachable from every node (required)
 #   MASTER_PORT     rendezvous port on node 0 (default 29500)
 #   NODE_ADDR       address the other nodes reach this node at (default: node 0: MASTER_ADDR; others:
 #                   the source address of the route to MASTER_ADDR)
