@@ -51,10 +51,22 @@ def hosts(tmp_path):
         yield two
 
 
+_LAUNCHER_STATE = ("MASTER_", "NODE_", "RDZV_", "TORCHELASTIC_", "GLOO_", "NCCL_", "TP_", "LOCAL_", "GROUP_",
+                   "ROLE_", "PL_", "SLURM_")
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "NNODES", "NPROC_PER_NODE", "MAX_RESTARTS", "LOGLEVEL", "SYNCNORM_RUN_ID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """:func:`env` without what a launcher or an earlier in-process run (Lightning sets MASTER_PORT,
+    PL_GLOBAL_SEED, ...) may have left in this process's environment, plus ``extra``."""
+    out = {k: v for k, v in env().items() if not k.startswith(_LAUNCHER_STATE) and k not in _LAUNCHER_VARS}
+    out.update(extra)
+    return out
+
+
 def node_env(hosts: TwoHosts, node_rank: int, nproc: int, **extra: str) -> dict[str, str]:
     """What a user sets on a node (README recipe), plus the test's interpreter and checkout."""
-    out = env(**extra)
-    out.pop("GLOO_SOCKET_IFNAME")  # the launcher derives it from the route to MASTER_ADDR
+    out = clean_env(**extra)
     out.update(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR=hosts.a.addr, NPROC_PER_NODE=str(nproc),
                SYNCNORM_RUN_ID=RUN_ID, RDZV_TIMEOUT="60", PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -396,7 +408,7 @@ def test_slurm_batch_script_takes_master_from_slurm_and_each_task_its_interface_
     for name, text in STUBS.items():
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
-    base = {k: v for k, v in env().items() if k not in ("GLOO_SOCKET_IFNAME", "MASTER_ADDR")}
+    base = clean_env()
     base.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHON=str(stubs / "python"),
                 SLURM_JOB_NODELIST="node[a-b]", SLURM_JOB_ID="1234", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1",
                 SLURM_SUBMIT_DIR=str(REPO), STUB_NODEADDR=hosts.a.addr)
