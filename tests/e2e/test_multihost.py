@@ -6,11 +6,13 @@
 * 2 hosts x 2 processes, ``norm.sync_group_size=2``: each host's group is BatchNorm over that
   host's combined batch (weights, losses, each rank's running statistics);
 * hostB's link cut while the ranks are inside a synchronized layer: every rank raises ``SyncError``
-  naming the layer within ``sync_timeout_s`` + 30 s and the job ends;
+  naming the layer within ``sync_timeout_s`` + 30 s and the job ends; cut while they wait in DDP's
+  gradient all_reduce instead: gloo's timeout error after ``trainer.strategy.timeout``;
 * the link cut, then restored, under ``MAX_RESTARTS=1`` and ``ckpt_path=last``: the job resumes
   and ends with the step count, weights and running statistics of an uninterrupted run;
-* a rendezvous that cannot be reached, and a node 0 whose MASTER_ADDR is not its own: the launcher
-  fails within a bounded time, naming the address, the port and the variables to set.
+* a rendezvous that cannot be reached, no route, a node 0 whose MASTER_ADDR is not its own, node 0
+  alone: the launcher fails within a bounded time, naming the address, the port and the variables
+  to set; ``launch/slurm.sbatch``'s derivations with ``scontrol``/``srun`` stand-ins.
 
 Without root or ``ip netns`` these tests skip with that reason (CI runs as root).
 """
