@@ -373,15 +373,31 @@ def init_on_fresh_store(prefix: str, backend: str) -> None:
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank_, world_size=world)
 
 
-def shutdown(success: bool = True) -> None:
+def shutdown(success: bool = True, timeout_s: float = 10.0) -> bool:
     """End the default process group, if one is alive: a barrier (on success), then
     ``destroy_process_group``. Without it, gloo can abort at interpreter exit with "terminate called
-    without an active exception" while the group is still alive. After a failure the barrier is
-    skipped (a peer may never reach it)."""
+    without an active exception" while the group is still alive.
+
+    After a failure the barrier is skipped (a peer may never reach it) and the group is destroyed in
+    a helper thread, waited for at most ``timeout_s``: when a peer became unreachable (its link went
+    down, its host froze), gloo's pending receive holds ``destroy_process_group`` (and the
+    interpreter's exit) until the process group's own timeout, 30 minutes by default. The group is
+    then left as it is and ``False`` returned: the process should end at once (``os._exit``).
+
+    Returns:
+        ``True`` when no group is left (none existed, or it was destroyed).
+    """
     if not is_distributed():
-        return
-    try:
-        if success:
+        return True
+    if success:
+        try:
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        finally:
+            dist.destroy_process_group()
+        return True
+    import threading
+
+    closer = threading.Thread(target=dist.destroy_process_group, name="syncnorm-destroy-pg", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    return not closer.is_alive()

@@ -40,6 +40,7 @@ __all__ = [
     "PER_DEVICE_BATCH",
     "R_MAX",
     "SYNC_GROUP_SIZE",
+    "SYNC_TIMEOUT_S",
     "VIRTUAL_BATCH_SIZE",
     "WARMUP_STEPS",
     "WORLD_SIZE",
@@ -136,6 +137,12 @@ SYNC_GROUP_SIZE = Rule("sync_group_size", "None (all ranks) or an int >= 1 divid
 """Ranks per synchronization group (``NormConversion``, the app's ``norm.sync_group_size``). Where
 the world size is known (the callback's ``setup``), :func:`check_sync_group_size` adds the
 divisibility check with the same text."""
+
+
+SYNC_TIMEOUT_S = Rule("sync_timeout_s", "None (the layers' default) or a number of seconds > 0",
+                      lambda v: v is None or (_is_real(v) and v > 0))
+"""Bound on a synchronized layer's wait for its peers on gloo (``NormConversion``, the app's
+``norm.sync_timeout_s``); the default is :data:`syncnorm.distributed.DEFAULT_TIMEOUT_S`."""
 
 
 def check_sync_group_size(k: Any, world_size: int, where: str) -> int:

@@ -146,11 +146,13 @@ def validate_config(cfg: DictConfig) -> None:
 def norm_options(kind: str) -> dict[str, rules.Rule]:
     """The options ``norm.<option>`` a config may set for ``norm.kind=kind`` (a known conversion kind):
     ``NormConversion``'s, i.e. the kind's options in the table of :mod:`syncnorm.factory` without
-    ``process_group`` (an object), plus ``sync_group_size`` for a kind that synchronizes."""
+    ``process_group`` (an object), plus ``sync_group_size`` and ``sync_timeout_s`` for a kind that
+    synchronizes."""
     row = conversion_kind(kind, "norm.kind")
     options = {k: r for k, r in row.options.items() if k != "process_group"}
     if row.synchronizes:
         options["sync_group_size"] = rules.SYNC_GROUP_SIZE
+        options["sync_timeout_s"] = rules.SYNC_TIMEOUT_S
     return options
 
 

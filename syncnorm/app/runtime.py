@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -15,7 +17,7 @@ from torch import nn
 from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
-           "report_outputs", "resolved_container", "to_float_dict"]
+           "report_outputs", "resolved_container", "to_float_dict", "exit_now"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,18 @@ def init_distributed_after_restart(accelerator: str) -> bool:
     distributed.init_on_fresh_store(f"/syncnorm/attempt_{attempt}", backend)
     log.info("torchrun restart %d: process group re-created on a fresh store prefix", attempt)
     return True
+
+
+def exit_now(code: int = 1) -> None:
+    """Print the exception being handled, flush the logs and end the process at once (``os._exit``):
+    for a failed distributed run whose process group could not be closed (see
+    :func:`syncnorm.distributed.shutdown`), which would otherwise hold the interpreter's exit until
+    gloo's own timeout. torchrun sees the exit code and can restart the workers."""
+    traceback.print_exc()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from syncnorm import distributed
 
 from .config import config_dir, import_modules, validate_config
 from .resolvers import register_resolvers
-from .runtime import (init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
-                      report_outputs, resolved_container, to_float_dict)
+from .runtime import (exit_now, init_distributed_after_restart, instantiate_callbacks, instantiate_loggers,
+                      load_weights, report_outputs, resolved_container, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -99,8 +99,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> Optional[float]:
-    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers."""
-    metrics = train(cfg)
+    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers.
+
+    A failed distributed run whose process group could not be closed (a peer became unreachable,
+    see :func:`syncnorm.distributed.shutdown`) ends the process at once, with the traceback and exit
+    code 1, instead of waiting for gloo's own timeout at interpreter exit (torchrun can restart it).
+    """
+    try:
+        metrics = train(cfg)
+    except Exception:
+        if distributed.is_distributed():
+            exit_now(1)
+        raise
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 

@@ -30,7 +30,9 @@ class NormConversion(pl.Callback):
             to the datamodule's (or the module's hparams') ``batch_size`` and ``world_size`` to the
             Trainer's. For a kind that synchronizes (``sync``, ``renorm``, ``batch_instance``,
             ``switchable``), ``sync_group_size=k`` synchronizes over groups of k consecutive ranks
-            (see :func:`syncnorm.new_sync_groups`) instead of all of them.
+            (see :func:`syncnorm.new_sync_groups`) instead of all of them, and ``sync_timeout_s=t``
+            sets every converted layer's ``sync_timeout_s`` (the bound on a rank's wait for its peers
+            on gloo; ``None`` keeps the layers' default, ``syncnorm.distributed.DEFAULT_TIMEOUT_S``).
 
     Raises:
         ValueError: unknown kind, unknown or invalid option (in ``__init__``); a ``sync_group_size``
@@ -50,12 +52,15 @@ class NormConversion(pl.Callback):
     def __init__(self, kind: str, **options: Any) -> None:
         row = conversion_kind(kind, "NormConversion")
         self.kind = row.name
+        # options of the callback (not of convert_norms), for a kind that synchronizes
         self.sync_group_size = options.pop("sync_group_size", None)
-        if self.sync_group_size is not None:
-            if not row.synchronizes:
-                raise ValueError(f"NormConversion: sync_group_size applies to kinds {synchronizing_kinds()}, "
-                                 f"got kind {self.kind!r}")
-            rules.SYNC_GROUP_SIZE.check(self.sync_group_size, "NormConversion")
+        self.sync_timeout_s = options.pop("sync_timeout_s", None)
+        for rule, value in ((rules.SYNC_GROUP_SIZE, self.sync_group_size), (rules.SYNC_TIMEOUT_S, self.sync_timeout_s)):
+            if value is not None:
+                if not row.synchronizes:
+                    raise ValueError(f"NormConversion: {rule.name} applies to kinds {synchronizing_kinds()}, "
+                                     f"got kind {self.kind!r}")
+                rule.check(value, "NormConversion")
         row.check_options(options, f"NormConversion({self.kind!r})", require=self.kind != AUTO)
         self.options = options  # exactly convert_norms' options
         self.summary: Optional[str] = None
@@ -78,6 +83,10 @@ class NormConversion(pl.Callback):
             if "per_device_batch" not in options:
                 options["per_device_batch"] = _batch_size(trainer, pl_module)
         _, self.summary = convert_norms_with_summary(pl_module, self.kind, **options)
+        if self.sync_timeout_s is not None:
+            for module in pl_module.modules():
+                if hasattr(module, "sync_timeout_s"):
+                    module.sync_timeout_s = float(self.sync_timeout_s)
         rank_zero_info(f"NormConversion: {self.summary}")
 
 

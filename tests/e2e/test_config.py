@@ -96,6 +96,8 @@ def test_trainer_options(tmp_path, monkeypatch):
     assert type(ddp.strategy).__name__ == "DDPStrategy" and ddp.num_devices == 2 and ddp.num_nodes == 1
     multi = instantiate(compose_cfg(tmp_path, ["trainer=multinode"]).trainer, logger=False)
     assert multi.num_devices == 1 and multi.num_nodes == 1
+    assert type(multi.strategy).__name__ == "DDPStrategy" and multi.strategy._ddp_kwargs == {"broadcast_buffers": False}
+    assert multi.strategy._timeout.total_seconds() == 1800
     for option in ("gpu", "ddp_gpu"):
         cfg = compose_cfg(tmp_path, [f"trainer={option}"])
         assert cfg.trainer.accelerator == "gpu"
@@ -180,6 +182,8 @@ def test_experiments_paths_and_hydra_compose(tmp_path):
     (["norm=ghost", "norm.virtual_batch_size=64"], "norm.virtual_batch_size=64 is larger than data.batch_size=32"),
     (["norm=group", "norm.num_groups=0"], "norm.num_groups=0: expected an int >= 1"),
     (["+norm.virtual_batch_size=4"], "norm.kind='sync' does not take ['virtual_batch_size']"),
+    (["norm.sync_timeout_s=-1"], "norm.sync_timeout_s=-1: expected None (the layers' default) or a number of seconds > 0"),
+    (["norm=group", "+norm.sync_timeout_s=5"], "norm.kind='group' does not take ['sync_timeout_s']"),
     (["model=yolo"], "use data=shapes"),
     (["experiment=yolo_shapes", "data.image_size=40"], "data.image_size=40: the YOLO detector needs a multiple of 16"),
     (["experiment=finetune_frozen"], "pass the trained run's checkpoint with ckpt_path="),

@@ -27,7 +27,7 @@ def test_torchrun_main_job_writes_checkpoint_and_norm_metrics(ddp_run):
     ckpt = ddp_run.dir / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {ckpt}" in ddp_run.output  # rank 0's final report
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["global_step"] == STEPS and state["epoch"] == 2  # saved after the last epoch
+    assert state["global_step"] == STEPS and state["epoch"] == 1  # saved at the end of the last epoch (index 1)
     assert "net.layer1.0.bn1.running_mean" in state["state_dict"]
     rows = read_metrics(ddp_run.dir / "csv" / "metrics.csv")
     columns = set(rows[0])

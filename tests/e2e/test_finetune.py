@@ -21,7 +21,7 @@ def test_finetune_frozen_keeps_statistics_and_trains_the_head(ddp_run, tmp_path,
     before = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
     tuned = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     after = tuned["state_dict"]
-    assert tuned["global_step"] == 6 and tuned["epoch"] == 2  # a fresh run: counters not resumed
+    assert tuned["global_step"] == 6 and tuned["epoch"] == 1  # a fresh run: counters not resumed (epoch index 1: the last)
     stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert len(stats) == 60  # 20 norm layers
     for k in stats:
