@@ -52,6 +52,7 @@ from . import distributed as D
 from . import functional as SF
 
 __all__ = ["Renorm", "EngineState", "batch_norm", "batch_stats", "local_batch_norm", "check_sync_errors",
+           "engine_state_dict", "load_engine_state_dict",
            "construction_identity", "layer_label", "check_norm_input", "check_batch_size"]
 
 HEAD = D.HEAD_SIZE
@@ -247,6 +248,54 @@ def check_sync_errors(module: nn.Module) -> None:
                           + ". HINT: run a step on CPU (gloo) or in eager mode for per-rank details.")
 
 
+def engine_state_dict(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """What the synchronized layers of ``module`` carry between steps and a ``state_dict`` does not:
+    per layer (by qualified name) the shift the next merge is centred on, and whether the data took
+    the exact local statistics. The same on every rank. With it, a resumed run's merges round
+    exactly as the uninterrupted run's do (see :func:`load_engine_state_dict`); without it they
+    agree to rounding. Layers that have not synchronized yet are left out.
+    """
+    out = {}
+    for name, m in module.named_modules():
+        state = getattr(m, "_engine_state", None)
+        if getattr(state, "group", None) is not None and state.ready:
+            out[name] = {"shift": state.shift.detach().cpu().clone(), "exact": bool(state.exact)}
+    return out
+
+
+def load_engine_state_dict(module: nn.Module, states: dict[str, dict[str, Any]]) -> int:
+    """Give the synchronized layers of ``module`` what :func:`engine_state_dict` saved; a layer takes
+    it at its next synchronized call (eager mode), when the shift's size and dtype match the
+    layer's. Returns how many layers received one.
+
+    Raises:
+        ValueError: ``states`` is not a mapping of layer names to ``{"shift": Tensor, "exact": bool}``.
+    """
+    if not isinstance(states, dict):
+        raise ValueError(f"load_engine_state_dict: expected a dict of layer names, got {type(states).__name__}")
+    layers = dict(module.named_modules())
+    given = 0
+    for name, saved in states.items():
+        if not (isinstance(saved, dict) and isinstance(saved.get("shift"), Tensor) and "exact" in saved):
+            raise ValueError(f"load_engine_state_dict: expected {{'shift': Tensor, 'exact': bool}} for layer "
+                             f"{name!r}, got {saved!r}")
+        layer = layers.get(name)
+        if layer is None or getattr(layer, "num_features", None) != saved["shift"].numel():
+            continue
+        layer._engine_resume = saved
+        layer.__dict__.pop("_engine_state", None)  # the next call sets up afresh and takes it
+        given += 1
+    return given
+
+
+def _resume(layer: nn.Module, state: EngineState) -> None:
+    """Install a saved shift (see :func:`load_engine_state_dict`) into a new state, once."""
+    saved = layer.__dict__.pop("_engine_resume", None)
+    if saved is not None and saved["shift"].dtype == state.shift.dtype:
+        state.shift.copy_(saved["shift"])
+        state.exact, state.ready = bool(saved["exact"]), True
+
+
 # ----------------------------------------------------------------------------------- preparation
 
 def layer_label(layer: nn.Module) -> str:
@@ -336,6 +385,7 @@ def _state_for(layer: nn.Module, spec: D.SyncSpec, x: Tensor) -> EngineState:
         D.all_reduce_checked(head, spec, "first-call handshake")
         if D.head_mismatch(head.tolist(), signature):
             raise D.report_mismatch(spec, x.dtype, x.device.type)
+        _resume(layer, state)
     layer._engine_state = state
     return state
 

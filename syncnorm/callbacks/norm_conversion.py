@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from .. import rules
 from ..convert import AUTO, conversion_kind, convert_norms_with_summary
+from ..engine import engine_state_dict, load_engine_state_dict
 from ..factory import synchronizing_kinds
 from ..distributed import new_sync_groups
 
@@ -21,6 +22,10 @@ class NormConversion(pl.Callback):
     built, and before a checkpoint is restored, so the converted layers are the ones DDP sees and
     the checkpoint loads into (the ``state_dict`` keys do not change). Unlike Lightning's
     ``Trainer(sync_batchnorm=True)``, ``NormConversion("sync")`` works on CPU (gloo) as well as GPU.
+
+    Its checkpoint state is what the synchronized layers carry between steps
+    (:func:`syncnorm.engine.engine_state_dict`), so a run resumed from a checkpoint (``ckpt_path``)
+    continues with exactly the arithmetic of the uninterrupted run (in eager mode).
 
     Args:
         kind: any kind of :func:`syncnorm.convert_norms` (the table of :mod:`syncnorm.factory`:
@@ -64,6 +69,7 @@ class NormConversion(pl.Callback):
         row.check_options(options, f"NormConversion({self.kind!r})", require=self.kind != AUTO)
         self.options = options  # exactly convert_norms' options
         self.summary: Optional[str] = None
+        self._module: Optional[pl.LightningModule] = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -74,6 +80,7 @@ class NormConversion(pl.Callback):
                 "CPU too).")
         if self.summary is not None:  # fit then validate/test on the same module: convert once
             return
+        self._module = pl_module
         options = dict(self.options)
         if self.sync_group_size is not None and trainer.world_size > 1:
             k = rules.check_sync_group_size(self.sync_group_size, trainer.world_size, "NormConversion")
@@ -88,6 +95,16 @@ class NormConversion(pl.Callback):
                 if hasattr(module, "sync_timeout_s"):
                     module.sync_timeout_s = float(self.sync_timeout_s)
         rank_zero_info(f"NormConversion: {self.summary}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"engine": engine_state_dict(self._module) if self._module is not None else {}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after setup: the converted layers exist
+        if self._module is not None and state_dict.get("engine"):
+            load_engine_state_dict(self._module, state_dict["engine"])
 
 
 def _uses_torch_sync_batchnorm(trainer: pl.Trainer) -> bool:

@@ -187,3 +187,27 @@ def test_public_names():
     assert syncnorm.SyncBatchNorm is SyncBatchNorm
     assert issubclass(SyncBatchNorm, nn.modules.batchnorm._BatchNorm)
     assert not issubclass(SyncBatchNorm, nn.SyncBatchNorm)  # DDP refuses that class on CPU
+
+
+def test_engine_state_dict_makes_a_resumed_layer_round_exactly_like_the_uninterrupted_one():
+    """The shift a merge is centred on is not in the ``state_dict``: with ``engine_state_dict`` a
+    restored layer continues bit for bit; without it, to rounding only."""
+    gen = torch.Generator().manual_seed(3)
+    # 16 values per row: the CPU path sums centred on the shift (functional.shifted_sums_cpu)
+    batches = [torch.randn(6, 4, 16, generator=gen) * 0.01 + 100 for _ in range(4)]
+    with scaled_group(2):
+        live = SyncBatchNorm(4)
+        for x in batches[:3]:
+            live(x)
+        saved, engine_saved = live.state_dict(), engine.engine_state_dict(nn.Sequential(live))
+        assert set(engine_saved) == {"0"} and engine_saved["0"]["shift"].shape == (4,)
+        resumed, fresh = SyncBatchNorm(4), SyncBatchNorm(4)
+        resumed.load_state_dict(saved), fresh.load_state_dict(saved)
+        assert engine.load_engine_state_dict(nn.Sequential(resumed), engine_saved) == 1
+        y_live, y_resumed, y_fresh = live(batches[3]), resumed(batches[3]), fresh(batches[3])
+    torch.testing.assert_close(y_resumed, y_live, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.running_var, live.running_var, rtol=0, atol=0)
+    torch.testing.assert_close(y_fresh, y_live, rtol=0, atol=1e-5)  # float32 rounding of values ~1
+    assert not torch.equal(y_fresh, y_live)  # this data shows the difference the saved shift makes
+    with pytest.raises(ValueError, match="expected {'shift': Tensor, 'exact': bool} for layer '0'"):
+        engine.load_engine_state_dict(nn.Sequential(resumed), {"0": {"shift": [1.0]}})
