@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from .. import rules
 from ..convert import AUTO, conversion_kind, convert_norms_with_summary
-from ..engine import engine_state_dict, load_engine_state_dict
+from ..engine import check_sync_errors, engine_state_dict, load_engine_state_dict
 from ..factory import synchronizing_kinds
 from ..distributed import new_sync_groups
 
@@ -22,6 +22,11 @@ class NormConversion(pl.Callback):
     built, and before a checkpoint is restored, so the converted layers are the ones DDP sees and
     the checkpoint loads into (the ``state_dict`` keys do not change). Unlike Lightning's
     ``Trainer(sync_batchnorm=True)``, ``NormConversion("sync")`` works on CPU (gloo) as well as GPU.
+
+    On logging steps (``trainer.log_every_n_steps``) and at each training epoch's end it raises the
+    errors the synchronized layers recorded on the device instead of syncing
+    (:func:`syncnorm.check_sync_errors`: a rank that ran another layer, non-finite statistics under
+    ``on_nonfinite="raise"``; on CPU in eager mode they raise at once anyway).
 
     Its checkpoint state is what the synchronized layers carry between steps
     (:func:`syncnorm.engine.engine_state_dict`), so a run resumed from a checkpoint (``ckpt_path``)
@@ -95,6 +100,16 @@ class NormConversion(pl.Callback):
                 if hasattr(module, "sync_timeout_s"):
                     module.sync_timeout_s = float(self.sync_timeout_s)
         rank_zero_info(f"NormConversion: {self.summary}")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
+            check_sync_errors(pl_module)  # one host read, on a step that reads for logging anyway
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_sync_errors(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

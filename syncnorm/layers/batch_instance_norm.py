@@ -27,8 +27,12 @@ class BatchInstanceNorm(BatchNormBase):
     dim (instance statistics).
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, process_group: as in
-            :class:`SyncBatchNorm`.
+        num_features: as in :class:`SyncBatchNorm`.
+        eps: as in :class:`SyncBatchNorm`.
+        momentum: as in :class:`SyncBatchNorm`.
+        affine: as in :class:`SyncBatchNorm`.
+        track_running_stats: as in :class:`SyncBatchNorm`.
+        process_group: as in :class:`SyncBatchNorm`.
 
     Example::
 

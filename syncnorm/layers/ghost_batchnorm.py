@@ -29,7 +29,10 @@ class GhostBatchNorm(BatchNormBase):
     Args:
         num_features: C from an expected input of size ``(N, C, *)``.
         virtual_batch_size: samples per chunk (>= 1).
-        eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``.
+        eps: as in ``torch.nn.BatchNorm2d``.
+        momentum: as in ``torch.nn.BatchNorm2d``.
+        affine: as in ``torch.nn.BatchNorm2d``.
+        track_running_stats: as in ``torch.nn.BatchNorm2d``.
 
     Shape:
         - Input: ``(N, C, *)``; Output: same shape and dtype.

@@ -26,8 +26,12 @@ class SwitchableNorm(BatchNormBase):
     uses the running statistics. All variances are biased (population) in the mix.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, process_group: as in
-            :class:`SyncBatchNorm`.
+        num_features: as in :class:`SyncBatchNorm`.
+        eps: as in :class:`SyncBatchNorm`.
+        momentum: as in :class:`SyncBatchNorm`.
+        affine: as in :class:`SyncBatchNorm`.
+        track_running_stats: as in :class:`SyncBatchNorm`.
+        process_group: as in :class:`SyncBatchNorm`.
 
     Example::
 

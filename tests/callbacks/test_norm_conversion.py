@@ -62,3 +62,27 @@ def test_callbacks_work_with_validate_and_resume(tmp_path):
     tr2 = trainer(tmp_path / "r", devices=1, max_epochs=2, limit_val_batches=1, callbacks=cbs())
     tr2.fit(resumed, ckpt_path=str(ckpt))
     assert type(resumed.backbone[2]).__name__ == "GhostBatchNorm" and tr2.global_step == 8
+
+
+def test_raises_errors_recorded_on_the_device_on_logging_steps_and_epoch_ends():
+    """Off CPU (or compiled) the synchronized layers record a skipped layer or non-finite statistics
+    on the device; NormConversion reads them back where the host reads anyway."""
+    from types import SimpleNamespace
+
+    import syncnorm
+    from tests.helpers.scaled_pg import scaled_group
+
+    callback = NormConversion("sync")
+    with scaled_group(2):
+        module = nn.Sequential(syncnorm.SyncBatchNorm(3))
+        module(torch.randn(4, 3))
+    state = module[0]._engine_state
+    quiet = SimpleNamespace(global_step=7, log_every_n_steps=5)
+    logging = SimpleNamespace(global_step=10, log_every_n_steps=5)
+    callback.on_train_batch_end(logging, module, None, None, 0)  # nothing recorded: no error
+    state.nonfinite.fill_(True)  # what a non-finite batch under on_nonfinite="raise" records off CPU
+    callback.on_train_batch_end(quiet, module, None, None, 0)  # not a logging step: no host read
+    with pytest.raises(syncnorm.SyncError, match=r"SyncBatchNorm '0'.*non-finite batch statistics"):
+        callback.on_train_batch_end(logging, module, None, None, 0)
+    with pytest.raises(syncnorm.SyncError, match="non-finite"):
+        callback.on_train_epoch_end(logging, module)

@@ -1,5 +1,5 @@
-"""The package's structure: every collective lives in ``syncnorm/distributed.py``, and the README's
-Layout section lists every top-level folder and every package module that exists."""
+"""The package's structure: every collective lives in ``syncnorm/distributed.py``, and the Layout
+section of docs/development.md lists every top-level folder and every package module that exists."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def test_only_distributed_py_talks_to_torch_distributed():
 
 
 def _layout_entries() -> dict[str, str]:
-    """README's Layout block as ``{path: description}``; an indented line continues the entry above."""
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"^## Layout\n.*?```\n(.*?)```", readme, flags=re.S | re.M)
-    assert match, "README.md has no '## Layout' section with a code block"
+    """The Layout block of docs/development.md as ``{path: description}``; an indented line continues
+    the entry above."""
+    text = (REPO / "docs" / "development.md").read_text()
+    match = re.search(r"^## Layout\n.*?```\n(.*?)```", text, flags=re.S | re.M)
+    assert match, "docs/development.md has no '## Layout' section with a code block"
     entries: dict[str, str] = {}
     path = None
     for line in match.group(1).splitlines():
@@ -58,7 +59,7 @@ def _layout_entries() -> dict[str, str]:
 
 def _existing() -> list[str]:
     """Every top-level folder with tracked-looking content (not hidden, not a run output) and every
-    module and subpackage of the package, as the README names them (``syncnorm/app/models/``)."""
+    module and subpackage of the package, as the Layout names them (``syncnorm/app/models/``)."""
     skip = {"logs", "outputs", "multirun", "wandb", "lightning_logs", "build", "dist", "syncnorm"}
     found = [f"{p.name}/" for p in sorted(REPO.iterdir())
              if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in skip
@@ -73,7 +74,7 @@ def _existing() -> list[str]:
     return found
 
 
-def test_readme_layout_lists_every_folder_and_module():
+def test_layout_lists_every_folder_and_module():
     entries = _layout_entries()
     missing = []
     for item in _existing():
@@ -83,7 +84,7 @@ def test_readme_layout_lists_every_folder_and_module():
                                                           entries.get(folder + "/", "")))
         if not listed:
             missing.append(item)
-    assert not missing, f"README's Layout section does not list: {missing}"
+    assert not missing, f"docs/development.md's Layout section does not list: {missing}"
     existing = _existing()
     assert {"benchmarks/", "conf/", "syncnorm/app/", "syncnorm/app/models/", "syncnorm/layers/"} <= set(existing)
     assert not [p for p in entries if p.rstrip("/") and not (REPO / p).exists()], "Layout names a path that is gone"
