@@ -705,11 +705,7 @@ def _backward_cpu(ctx: Any, grad_out: Tensor):
     if need_b and ctx.has_bias:
         grad_b = sum_dy.to(ctx.weight_dtype or sum_dy.dtype)
     if need_x:
-        c = spec.num_features
-        if spec.group is not None:
-            sums = torch.cat([sum_dy, sum_dy_xhat])
-            D.all_reduce_checked(sums, spec, "backward gradient-sum")
-            sum_dy, sum_dy_xhat = sums[:c], sums[c:]
+        sum_dy, sum_dy_xhat = _sum_gradients(spec, sum_dy, sum_dy_xhat)
         if ctx.fused:
             w = None if scale is None else scale.detach().to(mean.dtype).numpy()
             a, k, cc = (torch.from_numpy(v).view([1, -1] + [1] * (x.dim() - 2)) for v in SF.elemt_coefficients_cpu(
@@ -720,6 +716,16 @@ def _backward_cpu(ctx: Any, grad_out: Tensor):
         else:
             grad_x = SF.backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xhat, ctx.total, False)
     return grad_x, grad_w, grad_b, None
+
+
+def _sum_gradients(spec: D.SyncSpec, sum_dy: Tensor, sum_dy_x: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward exchange: ``[sum(dy), sum(dy * x_centred)]`` summed over the group (one
+    all_reduce of 2C values)."""
+    if spec.group is None:
+        return sum_dy, sum_dy_x
+    sums = torch.cat([sum_dy, sum_dy_x])
+    D.all_reduce_checked(sums, spec, "backward gradient-sum")
+    return sums[:spec.num_features], sums[spec.num_features:]
 
 
 def _forward_device(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], call: _Call) -> Tensor:
@@ -759,11 +765,7 @@ def _backward_device(ctx: Any, grad_out: Tensor):
     if need_b and ctx.has_bias:
         grad_b = gb
     if need_x:
-        c = spec.num_features
-        if spec.group is not None:
-            sums = torch.cat([sum_dy, sum_dy_xmu])
-            D.all_reduce_checked(sums, spec, "backward gradient-sum")
-            sum_dy, sum_dy_xmu = sums[:c], sums[c:]
+        sum_dy, sum_dy_xmu = _sum_gradients(spec, sum_dy, sum_dy_xmu)
         grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, scale, sum_dy, sum_dy_xmu,
                                                  count.to(torch.int32))
     return grad_x, grad_w, grad_b, None
