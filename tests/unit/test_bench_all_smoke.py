@@ -98,9 +98,19 @@ def test_step_parts(quick_run: tuple[Path, float]) -> None:
         for name, entry in res["variants"].items():
             assert not set(COLUMNS) - set(entry), name
             assert entry["median_ms"] > 0 and entry["counted_collectives_per_step"] == entry["collectives_per_step"]
-        assert res["variants"]["syncnorm"]["collectives_per_step"] == 2 * layers
-        assert res["ratios"]["syncnorm_over_floor"] > 0 and res["correctness"]["passed"]
+        assert res["variants"]["local"]["collectives_per_step"] == 0
+        assert res["variants"]["local"]["ratio_to_local"] == 1.0
+        for name in ("floor", "syncnorm", "naive"):
+            assert res["variants"][name]["collectives_per_step"] == 2 * layers, name
+        for name, entry in res["variants"].items():
+            assert entry["n_steps"] == res["config"]["steps"], name
+            assert entry["counted_bytes_per_step"] == entry["bytes_per_step"], name
+        assert res["ratios"]["syncnorm_over_floor"] > 0 and res["ratios"]["syncnorm_over_naive"] > 0
+        check = res["correctness"]
+        assert check["passed"] and check["max_abs_loss_diff"] <= check["tolerance"] == 1e-4
+        assert res["machine"]["world_size"] == 2 and res["machine"]["backend"] == "gloo"
         assert "loadavg" in res["machine"]
+        assert (quick_run[0] / f"step_{model}" / "results.md").read_text().startswith("# Step-time benchmark")
 
 
 @pytest.mark.distributed
