@@ -35,11 +35,10 @@ Other libraries' layers (``docs/models.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any, Callable, Mapping, Optional
-
-import dataclasses
 
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -155,11 +154,16 @@ def _carry_children(src: nn.Module, dst: nn.Module, name: str) -> None:
 
 
 def _check_convertible(m: nn.Module, name: str) -> None:
+    """``ValueError`` before anything changes: an uninitialized lazy layer, a foreign layer with
+    children other than :data:`TAIL`."""
     if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        target = getattr(m, "cls_to_become", None)
+        becomes = f" (it becomes {target.__name__})" if target is not None else ""
         raise ValueError(
             f"convert_norms: {type(m).__name__} '{name}' has uninitialized parameters (a lazy layer learns "
-            f"its channel count in its first forward); run one forward pass on an example batch first "
-            f"(it becomes {getattr(m, 'cls_to_become', None) and m.cls_to_become.__name__}), then convert")
+            f"its channel count in its first forward); run one forward pass on an example batch first"
+            f"{becomes}, then convert")
+    _applies_tail(m, name)
 
 
 def _has_stats(m: nn.Module) -> bool:

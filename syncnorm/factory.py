@@ -13,8 +13,10 @@ the app's config check. A row (:class:`NormKind`) says:
 * ``synchronizes``: the kind takes a ``process_group`` (and so ``NormConversion``'s
   ``sync_group_size``);
 * ``recognizes(module)``: which existing layers are of this kind, so a conversion can replace them
-  (and convert them back). Every kind converts back through ``batch``, whose ``from_layer`` rebuilds
-  the torch class the layer had before its first conversion.
+  (and convert them back): ``batch`` every ``_BatchNorm`` (timm's norm + activation subclasses
+  included), ``frozen`` syncnorm's ``FrozenBatchNorm`` and other libraries' frozen batch norms
+  (:func:`is_frozen_look_alike`). Every kind converts back through ``batch``, whose ``from_layer``
+  rebuilds the class the layer had before its first conversion (:func:`build_original`).
 
 Adding a kind is one file with the layer plus one :func:`register_norm` call; from then on the
 kind works in every place above (``tests/e2e/test_new_kind.py`` proves it with the toy kind of

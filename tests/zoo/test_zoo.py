@@ -5,9 +5,10 @@ message saying so). Models are built with random weights (``pretrained=False`` /
 nothing is downloaded), their norm layers get non-trivial running statistics and affine values,
 and they run in eval mode. For each kind:
 
-* the kinds whose eval function is batch norm's with the same tensors (``SAME_IN_EVAL``: sync,
-  batch, ghost, renorm, frozen, batch_instance with its gate at 1) leave the outputs unchanged
-  (max abs difference <= ``TOL``);
+* the kinds whose eval function is batch norm's with the same tensors and kernel (``SAME_IN_EVAL``:
+  sync, batch, ghost, renorm, frozen) leave the outputs unchanged (max abs difference <= ``TOL``);
+  batch_instance (its gate starts at 1: batch norm, computed as normalize-then-affine, another
+  rounding) within ``TOL`` relative to the largest output (cspdarknet53's logits reach ~5e3);
 * every kind (group and switchable too, whose function changes by design) reverts to exactly the
   original classes with the original activation modules (the same objects), and the reverted model
   gives the original outputs (not for group, which keeps no running statistics).
@@ -39,7 +40,8 @@ pytestmark = pytest.mark.zoo
 TOL = 1e-5
 KINDS = ["sync", "batch", "ghost", "renorm", "frozen", "batch_instance", "switchable", "group"]
 OPTIONS = {"ghost": {"virtual_batch_size": 2}, "group": {"num_groups": 8}}
-SAME_IN_EVAL = {"sync", "batch", "ghost", "renorm", "frozen", "batch_instance"}
+SAME_IN_EVAL = {"sync", "batch", "ghost", "renorm", "frozen"}
+SAME_UP_TO_ROUNDING = {"batch_instance"}
 KEEPS_STATS = set(KINDS) - {"group"}
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -113,6 +115,9 @@ def test_every_kind_keeps_eval_outputs_and_reverts(name, kind):
     assert r["acts_ok"], "revert did not give back the original activation/drop modules"
     if kind in SAME_IN_EVAL:
         assert r["diff"] <= TOL, f"{name} as {kind}: eval outputs moved by {r['diff']:.3g}"
+    if kind in SAME_UP_TO_ROUNDING:
+        scale = float(_model(name)[2].abs().max())
+        assert r["diff"] <= TOL * max(1.0, scale), f"{name} as {kind}: moved by {r['diff']:.3g} (outputs up to {scale:.3g})"
     if kind in KEEPS_STATS:
         assert r["back_diff"] <= TOL, f"{name} reverted from {kind}: eval outputs moved by {r['back_diff']:.3g}"
 
