@@ -9,17 +9,39 @@ tensors: a tensor both layers hold the same way (a trainable parameter, a runnin
 *shared* (same object, so an optimizer built before still sees it); a parameter that becomes a
 buffer (``frozen``) or the reverse is *copied*, and the ``requires_grad`` flags come back on the way
 back; what the new kind has no place for (``group``: the running statistics) is dropped. Device,
-dtype and ``training`` are kept. Each new layer records the torch class it came from, so
-``revert_norms`` restores exactly that class.
+dtype and ``training`` are kept, and so is a ``qconfig`` attribute (as torch's
+``convert_sync_batchnorm`` does). Each new layer records the class it came from, so
+``revert_norms`` restores exactly that class (its constructor gets the channel count and the
+settings it takes; see :func:`syncnorm.factory.build_original`).
+
+Other libraries' layers (``docs/models.md``):
+
+* **Norm + activation subclasses** (timm's ``BatchNormAct2d``, used by most timm CNNs): a
+  batch-norm layer of a class from neither torch nor syncnorm whose child modules are named among
+  :data:`TAIL` (``drop``, ``act``) applies them after the norm (timm's convention: norm, then drop,
+  then act). A conversion moves those children (the same objects) to the new layer, which applies
+  them in that order after its own norm (:func:`apply_tail`, a forward hook), so the function is
+  kept; the way back rebuilds the original class and gives it back those children. Such a layer
+  with any *other* child module is refused (``ValueError``): where it applies is unknown. Children
+  of torch's and syncnorm's own classes, which their forward ignores, move along unapplied (as
+  torch's ``convert_sync_batchnorm`` does).
+* **Frozen look-alikes** (torchvision's ``FrozenBatchNorm2d``; the rule is
+  :func:`syncnorm.factory.is_frozen_look_alike`) are of the ``frozen`` kind: they convert to any
+  kind (``sync``, ``batch``: trainable again) and back.
+* **Lazy layers** (``LazyBatchNorm2d``) with uninitialized parameters are refused (``ValueError``):
+  their channel count is unknown until the first forward; run one forward pass first, which turns
+  them into ``BatchNorm2d``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import distributed, rules
 from .factory import NormKind, get_kind, layer_kinds, registered_rows
@@ -27,8 +49,8 @@ from .layers import FrozenBatchNorm
 from .layers._base import replace_modules, transfer_norm_state
 
 __all__ = ["AUTO", "AUTO_CHOICES", "AUTO_MIN_GLOBAL_BATCH", "AUTO_MIN_LOCAL_BATCH", "AUTO_OPTIONS",
-           "choose_auto_kind", "conversion_kind", "conversion_kinds", "convert_norms",
-           "convert_norms_with_summary", "revert_norms"]
+           "TAIL", "apply_tail", "choose_auto_kind", "conversion_kind", "conversion_kinds", "convert_norms",
+           "convert_norms_with_summary", "convert_sync_batchnorm", "revert_norms"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +94,78 @@ def _is_family(m: nn.Module) -> bool:
     return any(row.is_layer(m) for row in registered_rows())
 
 
+def _kinds_of(m: nn.Module) -> set[str]:
+    return {row.name for row in registered_rows() if row.is_layer(m)}
+
+
+# ------------------------------------------------------------------ extra submodules (norm + act)
+
+TAIL = ("drop", "act")
+"""The child modules a norm + activation layer applies after its norm, in this order (timm's
+``BatchNormAct2d``, ``FrozenBatchNormAct2d``: ``x = act(drop(norm(x)))``)."""
+
+
+def apply_tail(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    """Forward hook of a converted layer that came from a norm + activation layer: its :data:`TAIL`
+    children, in order, on the norm's output."""
+    for name in TAIL:
+        sub = module._modules.get(name)
+        if sub is not None:
+            output = sub(output)
+    return output
+
+
+def _hooks_tail(m: nn.Module) -> bool:
+    return any(h is apply_tail for h in m._forward_hooks.values())
+
+
+def _is_foreign(m: nn.Module) -> bool:
+    """A class from neither torch nor syncnorm (its forward may apply its children)."""
+    return not type(m).__module__.startswith(("torch.", "syncnorm."))
+
+
+def _applies_tail(m: nn.Module, name: str) -> bool:
+    """Whether ``m``'s forward applies its :data:`TAIL` children (see the module docstring);
+    ``ValueError`` for a foreign layer with children it may apply anywhere."""
+    if _hooks_tail(m):
+        return True
+    children = list(m._modules)
+    if not _is_foreign(m) or not children:
+        return False
+    unknown = [c for c in children if c not in TAIL]
+    if unknown:
+        raise ValueError(
+            f"convert_norms: {type(m).__qualname__} '{name}' has child modules {unknown}; a norm layer's "
+            f"children are converted only under the names {list(TAIL)} (applied after the norm, in that "
+            f"order, as timm's BatchNormAct2d does). Convert this layer's class yourself or register a "
+            f"kind for it (syncnorm.register_norm)")
+    return True
+
+
+def _carry_children(src: nn.Module, dst: nn.Module, name: str) -> None:
+    """Move ``src``'s child modules to ``dst`` (same objects); when ``src`` applied them after its
+    norm and ``dst``'s own forward will not (its class is torch's or syncnorm's), ``dst`` applies
+    them with :func:`apply_tail`."""
+    applies = _applies_tail(src, name)
+    for child_name, child in src._modules.items():
+        dst.add_module(child_name, child)
+    if applies and not _is_foreign(dst) and not _hooks_tail(dst):
+        dst.register_forward_hook(apply_tail)
+
+
+def _check_convertible(m: nn.Module, name: str) -> None:
+    """``ValueError`` before anything changes: an uninitialized lazy layer, a foreign layer with
+    children other than :data:`TAIL`."""
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        target = getattr(m, "cls_to_become", None)
+        becomes = f" (it becomes {target.__name__})" if target is not None else ""
+        raise ValueError(
+            f"convert_norms: {type(m).__name__} '{name}' has uninitialized parameters (a lazy layer learns "
+            f"its channel count in its first forward); run one forward pass on an example batch first"
+            f"{becomes}, then convert")
+    _applies_tail(m, name)
+
+
 def _has_stats(m: nn.Module) -> bool:
     return getattr(m, "running_mean", None) is not None and getattr(m, "running_var", None) is not None
 
@@ -93,6 +187,8 @@ def _move_state(src: nn.Module, dst: nn.Module) -> None:
     for name, flag in getattr(src, _TRAINABLE_ATTR, {}).items():
         if isinstance(getattr(dst, name, None), nn.Parameter):
             getattr(dst, name).requires_grad_(flag)
+    if hasattr(src, "qconfig"):  # quantization config, kept as torch's convert_sync_batchnorm keeps it
+        dst.qconfig = src.qconfig
     if isinstance(dst, FrozenBatchNorm) and not _has_stats(src):
         log.warning("convert_norms(kind='frozen'): %s has no running statistics; freezing mean 0, var 1",
                     type(src).__name__)
@@ -171,22 +267,53 @@ def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> 
         row = get_kind(chosen, "convert_norms")
         options = {k: v for k, v in options.items() if k in row.options}
         reason = f"auto chose {chosen!r} because {why}; "
-    changes: Counter = Counter()
-
-    def make(old: nn.Module, name: str) -> nn.Module:
-        new = row.replace(old, options)
-        if new is old:
-            return old
-        _move_state(old, new)
-        new.layer_name = name or getattr(old, "layer_name", None)
-        changes[(type(old).__name__, type(new).__name__)] += 1
-        return new
-
-    root = replace_modules(module, _is_family, make)
+    root, changes = _replace(module, row, options, _is_family)
     if changes:
         detail = ", ".join(f"{src} -> {dst} x{n}" for (src, dst), n in sorted(changes.items()))
         return root, f"convert_norms({row.name}): {reason}{sum(changes.values())} layers converted ({detail})"
     return root, f"convert_norms({row.name}): {reason}no layer to convert"
+
+
+def _replace(module: nn.Module, row: NormKind, options: Mapping[str, Any],
+             match: Callable[[nn.Module], bool]) -> tuple[nn.Module, Counter]:
+    """Every conversion: replace each layer with ``match`` by ``row``'s layer; ``(root, changes)``."""
+    changes: Counter = Counter()
+
+    def make(old: nn.Module, name: str) -> nn.Module:
+        _check_convertible(old, name)
+        new = row.replace(old, options)
+        if new is old:
+            return old
+        _move_state(old, new)
+        _carry_children(old, new, name)
+        new.layer_name = name or getattr(old, "layer_name", None)
+        changes[(type(old).__name__, type(new).__name__)] += 1
+        return new
+
+    return replace_modules(module, match, make), changes
+
+
+_TO_SYNC = frozenset({"batch", "sync"})
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = None,
+                           cls: Optional[type] = None) -> nn.Module:
+    """:meth:`syncnorm.SyncBatchNorm.convert_sync_batchnorm`: torch's contract, syncnorm's kinds kept.
+
+    Replaces the layers whose only kinds are ``batch``/``sync`` (torch's batch norms, their
+    subclasses such as timm's ``BatchNormAct2d``, ``torch.nn.SyncBatchNorm``, syncnorm's
+    ``SyncBatchNorm``, which gets ``process_group``) by ``cls`` (default :class:`SyncBatchNorm`),
+    exactly as ``convert_norms(module, "sync", process_group=...)`` does. Every other kind's layer is
+    kept as it is: ghost and frozen layers are local on purpose, renorm, batch_instance and
+    switchable layers synchronize already (with their own ``process_group``), group layers have no
+    batch statistics.
+    """
+    row = get_kind("sync", "convert_sync_batchnorm")
+    if cls is not None and cls is not row.builder:
+        row = dataclasses.replace(row, builder=cls)
+    root, _ = _replace(module, row, {"process_group": process_group},
+                       lambda m: _is_family(m) and _kinds_of(m) <= _TO_SYNC)
+    return root
 
 
 def revert_norms(module: nn.Module, dim: Optional[int] = None) -> nn.Module:

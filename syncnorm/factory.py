@@ -13,8 +13,10 @@ the app's config check. A row (:class:`NormKind`) says:
 * ``synchronizes``: the kind takes a ``process_group`` (and so ``NormConversion``'s
   ``sync_group_size``);
 * ``recognizes(module)``: which existing layers are of this kind, so a conversion can replace them
-  (and convert them back). Every kind converts back through ``batch``, whose ``from_layer`` rebuilds
-  the torch class the layer had before its first conversion.
+  (and convert them back): ``batch`` every ``_BatchNorm`` (timm's norm + activation subclasses
+  included), ``frozen`` syncnorm's ``FrozenBatchNorm`` and other libraries' frozen batch norms
+  (:func:`is_frozen_look_alike`). Every kind converts back through ``batch``, whose ``from_layer``
+  rebuilds the class the layer had before its first conversion (:func:`build_original`).
 
 Adding a kind is one file with the layer plus one :func:`register_norm` call; from then on the
 kind works in every place above (``tests/e2e/test_new_kind.py`` proves it with the toy kind of
@@ -33,7 +35,9 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -45,8 +49,8 @@ from .layers import BatchInstanceNorm, BatchRenorm, FrozenBatchNorm, GhostBatchN
 from .layers._base import ORIGINAL_CLASS_ATTR
 from .rules import Rule
 
-__all__ = ["NormKind", "NormSpec", "SETTINGS", "create_norm_layer", "get_kind", "get_norm_layer", "layer_kinds",
-           "layer_settings", "largest_divisor_at_most", "norm_kinds", "register_norm", "registered_rows", "synchronizing_kinds"]
+__all__ = ["NormKind", "NormSpec", "SETTINGS", "build_original", "create_norm_layer", "get_kind", "get_norm_layer",
+           "is_frozen_look_alike", "layer_kinds", "layer_settings", "largest_divisor_at_most", "norm_kinds", "register_norm", "registered_rows", "synchronizing_kinds"]
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +225,14 @@ def create_norm_layer(norm: NormSpec, num_features: int, **options: Any) -> nn.M
 
 def layer_settings(layer: nn.Module) -> dict[str, Any]:
     """``num_features`` and the :data:`SETTINGS` of an existing norm layer (torch's defaults where the
-    layer has no such setting: a FrozenBatchNorm or a GroupNorm)."""
+    layer has no such setting: a FrozenBatchNorm or a GroupNorm; a frozen look-alike without
+    ``num_features``, torchvision's, has its buffers' length)."""
+    if isinstance(layer, nn.GroupNorm):
+        num_features = layer.num_channels
+    else:
+        num_features = getattr(layer, "num_features", None) or layer.running_mean.numel()
     return {
-        "num_features": layer.num_channels if isinstance(layer, nn.GroupNorm) else layer.num_features,
+        "num_features": num_features,
         "eps": layer.eps,
         "momentum": getattr(layer, "momentum", 0.1),
         "affine": getattr(layer, "affine", True),
@@ -240,23 +249,77 @@ def _batch(num_features: int, dim: int = 2, **kw: Any) -> nn.Module:
     return _TORCH_BATCH[dim](num_features, **kw)
 
 
+def _is_syncnorm_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("syncnorm.")
+
+
+def is_frozen_look_alike(module: nn.Module) -> bool:
+    """Another library's frozen batch norm: torchvision's ``FrozenBatchNorm2d`` (detection backbones),
+    detectron2's, timm's ``FrozenBatchNormAct2d``.
+
+    The rule (duck typing, no import of those libraries): the class name contains
+    ``"FrozenBatchNorm"``, the module is not a ``_BatchNorm`` nor syncnorm's own, it has no parameters
+    of its own, it has 1-D floating buffers ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` of one length C >= 1, and a real ``eps``. Its forward must be batch norm's eval
+    formula with those tensors (what the name promises; the tests check torchvision's).
+    """
+    if isinstance(module, (_BatchNorm, FrozenBatchNorm)) or "FrozenBatchNorm" not in type(module).__name__:
+        return False
+    if _is_syncnorm_layer(module) or next(module.parameters(recurse=False), None) is not None:
+        return False
+    tensors = [module._buffers.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
+    if any(t is None or t.dim() != 1 or not t.is_floating_point() for t in tensors):
+        return False
+    return len({t.numel() for t in tensors}) == 1 and tensors[0].numel() >= 1 and rules.is_torch_float(
+        getattr(module, "eps", None))
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    return isinstance(module, FrozenBatchNorm) or is_frozen_look_alike(module)
+
+
+def build_original(original: type, settings: Mapping[str, Any]) -> nn.Module:
+    """A fresh ``original(num_features, ...)`` with those of :data:`SETTINGS` its constructor takes
+    (all of them for ``**kwargs``): ``BatchNorm2d``, timm's ``BatchNormAct2d`` (whose own activation
+    and drop the conversion then replaces by the layer's), torchvision's ``FrozenBatchNorm2d``
+    (``num_features, eps``). ``RuntimeError`` when the constructor does not take that."""
+    try:
+        params = inspect.signature(original).parameters
+    except (TypeError, ValueError):  # no signature to read: try all settings
+        params = {}
+    takes_all = not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kw = {k: settings[k] for k in SETTINGS if takes_all or k in params}
+    try:
+        return original(settings["num_features"], **kw)
+    except TypeError as e:
+        raise RuntimeError(f"convert_norms: cannot rebuild the recorded class {original.__qualname__} as "
+                           f"{original.__name__}({settings['num_features']}, **{kw}): {e}") from e
+
+
 def _batch_from_layer(layer: nn.Module, options: dict) -> nn.Module:
-    """The way back for every kind: the torch class recorded at the first conversion (or
-    ``BatchNorm{dim}d``); a torch batch norm without a record is kept as it is."""
+    """The way back for every kind: the class recorded at the first conversion (or ``BatchNorm{dim}d``).
+
+    A layer without a record that is not syncnorm's is kept as it is when it is a ``_BatchNorm``
+    (torch's classes, their subclasses such as timm's ``BatchNormAct2d``, lazy ones): it already is
+    an original. A frozen look-alike without a record becomes the trainable ``BatchNorm{dim}d``,
+    ``dim`` from the option or the class name's ``1d``/``2d``/``3d``; a syncnorm layer without a
+    record needs ``dim``.
+    """
     original = getattr(layer, ORIGINAL_CLASS_ATTR, None)
-    if original is None and isinstance(layer, (*_TORCH_BATCH.values(), nn.SyncBatchNorm)):
+    if original is None and isinstance(layer, _BatchNorm) and not _is_syncnorm_layer(layer):
         return layer
     if original is None:
         dim = options.get("dim")
+        suffix = re.search(r"([123])d$", type(layer).__name__) if is_frozen_look_alike(layer) else None
+        if dim is None and suffix:
+            dim = int(suffix.group(1))
         if dim not in _TORCH_BATCH:
             name = getattr(layer, "layer_name", None) or ""
             raise ValueError(
                 f"convert_norms(kind='batch'): {type(layer).__name__} '{name}' has no recorded torch class; "
                 f"pass dim=1, 2 or 3 to choose BatchNorm1d/2d/3d (got dim={dim!r})")
         original = _TORCH_BATCH[dim]
-    s = layer_settings(layer)
-    return original(s["num_features"], eps=s["eps"], momentum=s["momentum"], affine=s["affine"],
-                    track_running_stats=s["track_running_stats"])
+    return build_original(original, layer_settings(layer))
 
 
 def largest_divisor_at_most(c: int, limit: int) -> int:
@@ -288,7 +351,7 @@ def _register_builtins() -> None:
     register_norm("renorm", BatchRenorm, options={"r_max": r.R_MAX, "d_max": r.D_MAX,
                                                   "warmup_steps": r.WARMUP_STEPS, "momentum": r.MOMENTUM},
                   inherits=("eps", "momentum", "affine"), synchronizes=True)
-    register_norm("frozen", FrozenBatchNorm, inherits=("eps",))
+    register_norm("frozen", FrozenBatchNorm, inherits=("eps",), recognizes=_is_frozen)
     register_norm("group", _group, options={"num_groups": r.NUM_GROUPS}, inherits=("eps", "affine"),
                   recognizes=_converted_group_norm)
     register_norm("batch_instance", BatchInstanceNorm, synchronizes=True)

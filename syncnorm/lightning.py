@@ -2,23 +2,27 @@
 
 The plugin lives here, not among the callbacks: Lightning takes it through ``Trainer(plugins=[...])``
 (its ``LayerSync`` seam, the one behind ``sync_batchnorm=True``), not ``callbacks=[...]``.
+
+Every class here works with ``pytorch_lightning.Trainer`` and with the unified package's
+``lightning.pytorch.Trainer``, whichever of the two is installed (both when both are): see
+:mod:`syncnorm._lightning_compat`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pytorch_lightning.plugins.layer_sync import LayerSync
 from torch import nn
 from typing_extensions import override
 
+from ._lightning_compat import LAYER_SYNC_BASES
 from .callbacks import FreezeNormStats, NormConversion, PreciseBN, StatDivergenceMonitor
 from .convert import conversion_kind, convert_norms, revert_norms
 
 __all__ = ["FreezeNormStats", "NormConversion", "PreciseBN", "StatDivergenceMonitor", "SyncNormLayerSync"]
 
 
-class SyncNormLayerSync(LayerSync):
+class SyncNormLayerSync(*LAYER_SYNC_BASES):
     """Lightning's own seam for synchronized norms (the one behind ``sync_batchnorm=True``), filled
     by syncnorm: exact, and CPU-capable (gloo) as well as GPU.
 
@@ -34,10 +38,10 @@ class SyncNormLayerSync(LayerSync):
 
     Example::
 
-        from pytorch_lightning import Trainer
+        import lightning.pytorch as pl  # or: import pytorch_lightning as pl
         from syncnorm.lightning import SyncNormLayerSync
 
-        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[SyncNormLayerSync()])
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[SyncNormLayerSync()])
     """
 
     def __init__(self, kind: str = "sync", **options: Any) -> None:

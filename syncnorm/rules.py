@@ -7,7 +7,7 @@ Code that raises says ``<where>: expected <name> to be <rule>, got <value>``; th
 check, which lists every problem at once, says ``<key>=<value>: expected <rule>``. Both read the
 same ``expected`` text.
 
-This module imports nothing from syncnorm (every other module may import it).
+This module imports nothing from syncnorm (every other module may import it), only NumPy and torch.
 
 Example::
 
@@ -25,6 +25,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
 
 __all__ = [
     "Rule",
@@ -46,6 +49,7 @@ __all__ = [
     "WORLD_SIZE",
     "ANY",
     "int_at_least",
+    "is_torch_float",
     "number_above",
     "number_at_least",
     "one_of",
@@ -86,6 +90,23 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def is_torch_float(v: Any) -> bool:
+    """Exactly what torch's kernels take for a ``float`` argument (``momentum``, ``eps`` of
+    ``torch.nn.functional.batch_norm``): a Python ``bool``/``int``/``float``, a NumPy bool, int or
+    float scalar, or a 0-dim tensor of a real dtype. Not: ``Fraction``, ``Decimal``, complex numbers,
+    strings, NumPy arrays (0-dim included), tensors with elements (torch raises ``TypeError`` in
+    forward)."""
+    if isinstance(v, (bool, int, float)):
+        return True
+    if isinstance(v, np.generic):
+        return v.dtype.kind in "biuf"
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_complex()
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+
+
 def int_at_least(name: str, low: int, note: str = "") -> Rule:
     """An int (numpy ints included, bool excluded) ``>= low``."""
     return Rule(name, f"an int >= {low}{note}", lambda v: _is_int(v) and v >= low)
@@ -110,17 +131,22 @@ ANY = Rule("value", "anything", lambda v: True)
 
 MOMENTUM = Rule(
     "momentum",
-    "None or a real number (torch's convention: the weight of the new batch; torch accepts any real "
-    "value, values outside [0, 1] included)",
-    lambda v: v is None or isinstance(v, numbers.Real),
+    "None or a real number: a Python or NumPy scalar or a 0-dim tensor (torch's convention: the weight "
+    "of the new batch; torch accepts any real value, values outside [0, 1] included)",
+    lambda v: v is None or is_torch_float(v),
 )
 """``momentum`` of every batch-norm layer, exactly what ``torch.nn.BatchNorm*d`` accepts: ``None``
-(cumulative average) or any real number (``bool`` and numpy scalars included: torch takes them).
-torch 2.13 stores the value unchecked and its batch-norm kernel takes any real factor; a string
-fails there. Values outside [0, 1] extrapolate the running statistics; syncnorm does not forbid what
-torch allows."""
+(cumulative average) or what :func:`is_torch_float` accepts (``bool``, NumPy scalars and 0-dim
+tensors included: torch takes them). torch 2.13 stores the value unchecked and its batch-norm kernel
+takes any real factor; a ``Fraction``, a string or an array fails there (in forward), syncnorm says
+so at construction. Values outside [0, 1] extrapolate the running statistics; syncnorm does not
+forbid what torch allows. The layers store it as a Python float (``None`` stays ``None``)."""
 
-EPS = number_at_least("eps", 0.0)
+EPS = Rule("eps", "a real number >= 0 (a Python or NumPy scalar or a 0-dim tensor)",
+           lambda v: is_torch_float(v) and not _is_bool(v) and bool(v >= 0))
+"""``eps`` of every norm layer: torch's float types (:func:`is_torch_float`), and >= 0, the one
+thing syncnorm forbids beyond torch: a negative ``eps`` makes ``var + eps`` negative for a
+constant channel (NaN outputs)."""
 NUM_FEATURES = int_at_least("num_features", 1)
 NUM_GROUPS = int_at_least("num_groups", 1, " (lowered to the largest divisor of C)")
 VIRTUAL_BATCH_SIZE = int_at_least("virtual_batch_size", 1)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TYPE_CHECKING
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from .._lightning_compat import CALLBACK_BASES, rank_zero_info
 from ._select import FROZEN_STATS_ATTR, Selection, select_norm_layers
 
 _HOOK_ATTR = "_syncnorm_freeze_hook"
+
+if TYPE_CHECKING:  # annotations only: either namespace's classes
+    import lightning.pytorch as pl
 
 
 def _force_eval(module: nn.Module, args: Any) -> None:
@@ -38,7 +40,7 @@ def unfreeze_stats(layer: nn.Module) -> None:
     setattr(layer, FROZEN_STATS_ATTR, False)
 
 
-class FreezeNormStats(pl.Callback):
+class FreezeNormStats(*CALLBACK_BASES):
     """Freezes the statistics of the selected batch-norm layers for the whole run.
 
     The selected layers normalize with their running statistics and never update them, however

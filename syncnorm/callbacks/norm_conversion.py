@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TYPE_CHECKING
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
+from .._lightning_compat import CALLBACK_BASES, TORCH_SYNC_BATCHNORM, rank_zero_info
 from .. import rules
 from ..convert import AUTO, conversion_kind, convert_norms_with_summary
 from ..engine import check_sync_errors, engine_state_dict, load_engine_state_dict
 from ..factory import synchronizing_kinds
 from ..distributed import new_sync_groups
 
+if TYPE_CHECKING:  # annotations only: either namespace's classes
+    import lightning.pytorch as pl
 
-class NormConversion(pl.Callback):
+
+class NormConversion(*CALLBACK_BASES):
     """Converts every batch-norm layer of the LightningModule to ``kind`` in ``setup``.
 
     ``setup`` runs before the strategy moves and wraps the model (DDP), before the optimizers are
@@ -50,13 +52,16 @@ class NormConversion(pl.Callback):
             ``setup``).
         RuntimeError: combined with ``Trainer(sync_batchnorm=True)``.
 
+    Works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike (the class
+    derives from each installed namespace's ``Callback``, see :mod:`syncnorm._lightning_compat`).
+
     Example::
 
-        from pytorch_lightning import Trainer
+        import lightning.pytorch as pl  # or: import pytorch_lightning as pl
         from syncnorm.callbacks import NormConversion
 
-        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp",
-                          callbacks=[NormConversion("sync")])
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp",
+                             callbacks=[NormConversion("sync")])
     """
 
     def __init__(self, kind: str, **options: Any) -> None:
@@ -123,13 +128,11 @@ class NormConversion(pl.Callback):
 
 
 def _uses_torch_sync_batchnorm(trainer: pl.Trainer) -> bool:
-    from pytorch_lightning.plugins import TorchSyncBatchNorm
-
-    # Trainer(sync_batchnorm=True) installs TorchSyncBatchNorm on the connector, and on the strategy
-    # only for parallel strategies
+    # Trainer(sync_batchnorm=True) installs its namespace's TorchSyncBatchNorm on the connector, and on
+    # the strategy only for parallel strategies
     candidates = (getattr(trainer.strategy, "_layer_sync", None),
                   getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None))
-    return any(isinstance(c, TorchSyncBatchNorm) for c in candidates)
+    return any(isinstance(c, TORCH_SYNC_BATCHNORM) for c in candidates)
 
 
 def _batch_size(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .._lightning_compat import CALLBACK_BASES, rank_zero_info
 from .. import functional as SF
 from ..distributed import min_over_ranks, sum_over_ranks, world_size
 from ._select import Selection, has_frozen_stats, select_norm_layers
 
-ForwardFn = Callable[[pl.LightningModule, Any], Any]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+if TYPE_CHECKING:  # annotations only: either namespace's classes
+    import lightning.pytorch as pl
 
 
 def _default_forward(module: pl.LightningModule, batch: Any) -> Any:
@@ -103,7 +105,7 @@ def _merge_over_ranks(parts: list[SF.Moments], device: torch.device) -> list[tup
     return out
 
 
-class PreciseBN(pl.Callback):
+class PreciseBN(*CALLBACK_BASES):
     """At the end of every training epoch, recompute running statistics as population statistics.
 
     Paper: https://arxiv.org/abs/2105.07576 (Wu & Johnson, "Rethinking Batch in BatchNorm"). The

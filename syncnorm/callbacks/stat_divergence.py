@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from .._lightning_compat import CALLBACK_BASES, rank_zero_warn, wandb_logger_classes
 from .. import functional as SF
 from ..distributed import gather_rows
 from ._select import Selection, select_norm_layers
+
+if TYPE_CHECKING:  # annotations only: either namespace's classes
+    import lightning.pytorch as pl
 
 
 def divergence_metrics(stats: Tensor, num_features: int) -> dict[str, float]:
@@ -57,7 +59,7 @@ def divergence_metrics(stats: Tensor, num_features: int) -> dict[str, float]:
     return out
 
 
-class StatDivergenceMonitor(pl.Callback):
+class StatDivergenceMonitor(*CALLBACK_BASES):
     """Logs, every ``every_n_steps`` training steps, per norm layer, how far each rank's batch
     statistics are from the others' (see :func:`divergence_metrics` for the definitions).
 
@@ -167,11 +169,7 @@ class StatDivergenceMonitor(pl.Callback):
 
 
 def _wandb_chart(logger: Any, names: list[str], metrics: dict[str, float], step: int) -> None:
-    try:
-        from pytorch_lightning.loggers import WandbLogger
-    except ImportError:  # pragma: no cover - lightning always ships it
-        return
-    if not isinstance(logger, WandbLogger) or logger.experiment is None:
+    if not isinstance(logger, wandb_logger_classes()) or logger.experiment is None:
         return
     import wandb
 

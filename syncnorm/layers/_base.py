@@ -76,6 +76,10 @@ def record_origin(src: nn.Module, dst: nn.Module) -> None:
 class BatchNormBase(_BatchNorm):
     """Dimension-agnostic ``_BatchNorm`` with syncnorm's checks; input ``(N, C, *)``.
 
+    Takes torch's arguments, keyword-only ``bias`` included (``bias=False``: a learnable weight and no
+    bias, as ``torch.nn.BatchNorm2d(C, bias=False)``). ``num_features``, ``eps`` and ``momentum`` are
+    stored as Python ``int``/``float`` whatever scalar type they came as (:mod:`syncnorm.rules`).
+
     Attributes (not in ``state_dict``):
         layer_name: qualified name used in error messages and as the layer's identity across ranks;
             set by the conversion functions.
@@ -90,10 +94,14 @@ class BatchNormBase(_BatchNorm):
     on_nonfinite: str
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
         for rule, value in ((rules.NUM_FEATURES, num_features), (rules.EPS, eps), (rules.MOMENTUM, momentum)):
             rule.check(value, type(self).__name__)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(int(num_features), float(eps), None if momentum is None else float(momentum), affine,
+                         track_running_stats, device=device, dtype=dtype)
+        if affine and not bias:  # torch's keyword-only ``bias=False``: a weight but no bias (any torch version)
+            self.register_parameter("bias", None)
         self.layer_name = None
         self.sync_timeout_s = DEFAULT_TIMEOUT_S
         self.on_nonfinite = "skip"
@@ -105,6 +113,15 @@ class BatchNormBase(_BatchNorm):
     def _uses_batch_stats(self) -> bool:
         """Batch statistics in training, and in eval when there are no running buffers."""
         return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _affine(self, out: Tensor) -> Tensor:
+        """``out * weight + bias`` per channel (each part only where the layer has it)."""
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out
 
     def _local_batch_norm(self, x: Tensor, factor: float) -> Tensor:
         """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages."""

@@ -44,8 +44,8 @@ class BatchInstanceNorm(BatchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group: Optional[Any] = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
         self.process_group = process_group
         self.gate = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
 
@@ -59,6 +59,4 @@ class BatchInstanceNorm(BatchNormBase):
         instance = F.instance_norm(input, eps=self.eps)
         rho = self.gate.clamp(0.0, 1.0).view(shape)
         out = rho * batch + (1.0 - rho) * instance
-        if self.weight is not None:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return self._affine(out)

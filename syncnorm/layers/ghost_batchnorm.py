@@ -50,9 +50,9 @@ class GhostBatchNorm(BatchNormBase):
 
     def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, bias: bool = True) -> None:
         rules.VIRTUAL_BATCH_SIZE.check(virtual_batch_size, "GhostBatchNorm")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:

@@ -43,8 +43,8 @@ class SwitchableNorm(BatchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group: Optional[Any] = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
         self.process_group = process_group
         self.mean_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
@@ -68,6 +68,4 @@ class SwitchableNorm(BatchNormBase):
         mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
         var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
         out = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return self._affine(out)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import engine
-from ._base import BatchNormBase, replace_modules, transfer_norm_state
+from ._base import BatchNormBase
 
 
 class SyncBatchNorm(BatchNormBase):
@@ -69,8 +68,8 @@ class SyncBatchNorm(BatchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: Optional[Any] = None, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 process_group: Optional[Any] = None, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
@@ -79,11 +78,16 @@ class SyncBatchNorm(BatchNormBase):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
-        """Replace every batch-norm layer in ``module`` (torch's or syncnorm's) by ``SyncBatchNorm``.
+        """Replace every batch-norm layer in ``module`` by ``SyncBatchNorm`` (``cls``), keeping
+        syncnorm's other kinds.
 
         Same contract as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, the new layers
-        share the old ones' ``Parameter`` and buffer objects and copy ``training``; returns the
-        (possibly new) root. The torch class each layer had is recorded for
+        share the old ones' ``Parameter`` and buffer objects and copy ``training`` and ``qconfig``;
+        returns the (possibly new) root. Unlike torch's, it keeps syncnorm's own kinds
+        (``GhostBatchNorm``, ``BatchRenorm``, ``BatchInstanceNorm``, ``SwitchableNorm``,
+        ``FrozenBatchNorm``: they synchronize already or are local on purpose) and the activation of
+        norm + activation layers (timm's ``BatchNormAct2d``); see
+        :func:`syncnorm.convert.convert_sync_batchnorm`. The class each layer had is recorded for
         :func:`syncnorm.revert_norms`.
 
         Example::
@@ -94,17 +98,10 @@ class SyncBatchNorm(BatchNormBase):
             >>> isinstance(net[1], syncnorm.SyncBatchNorm)
             True
         """
-        return _convert(module, cls, process_group, prefix="")
+        from ..convert import convert_sync_batchnorm  # convert imports the layers
+
+        return convert_sync_batchnorm(module, process_group, cls)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", process_group=custom" if self.process_group is not None else "")
 
-
-def _convert(module: nn.Module, cls: type, process_group: Optional[Any], prefix: str) -> nn.Module:
-    def make(m: nn.Module, name: str) -> nn.Module:
-        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group=process_group)
-        transfer_norm_state(m, new)
-        new.layer_name = name or getattr(m, "layer_name", None)
-        return new
-
-    return replace_modules(module, lambda m: isinstance(m, _BatchNorm), make, prefix)

@@ -1,7 +1,13 @@
-"""A tiny LightningModule and data for callback tests (importable by spawned DDP workers)."""
+"""A tiny LightningModule and data for callback tests (importable by spawned DDP workers).
+
+Both Lightning namespaces: ``LitNet`` is a ``pytorch_lightning.LightningModule``, ``LitNetL`` the
+same module as a ``lightning.pytorch.LightningModule`` (a Trainer accepts only its own namespace's
+modules); ``lit_net(ns, ...)`` and ``trainer(..., ns=...)`` pick one by name (``NAMESPACES``).
+"""
 
 from __future__ import annotations
 
+import lightning.pytorch as L
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -27,7 +33,7 @@ def dataset(n: int = 64, seed: int = 1) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class LitNet(pl.LightningModule):
+class _LitBody:
     """``shift_per_rank``: add ``shift * rank`` to the inputs (divergent ranks); ``same_data``: every
     rank trains on the same batch (identical statistics)."""
 
@@ -72,13 +78,29 @@ class LitNet(pl.LightningModule):
         return DataLoader(dataset(16, seed=2), batch_size=8)
 
 
-def trainer(tmp_path, devices: int = 2, **kw) -> pl.Trainer:
+class LitNet(_LitBody, pl.LightningModule):
+    """The test module for ``pytorch_lightning.Trainer``."""
+
+
+class LitNetL(_LitBody, L.LightningModule):
+    """The test module for ``lightning.pytorch.Trainer``."""
+
+
+NAMESPACES = {"pytorch_lightning": (pl, LitNet), "lightning.pytorch": (L, LitNetL)}
+"""namespace name -> (its module, the test LightningModule of that namespace)."""
+
+
+def lit_net(ns: str = "pytorch_lightning", **kw) -> pl.LightningModule:
+    return NAMESPACES[ns][1](**kw)
+
+
+def trainer(tmp_path, devices: int = 2, ns: str = "pytorch_lightning", **kw) -> pl.Trainer:
     defaults = dict(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                     max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
                     limit_val_batches=0, use_distributed_sampler=False)
     defaults.update(kw)
-    return pl.Trainer(**defaults)
+    return NAMESPACES[ns][0].Trainer(**defaults)
 
 
 class Record(pl.Callback):

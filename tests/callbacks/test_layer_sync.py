@@ -9,7 +9,7 @@ from torch import nn
 
 from syncnorm.callbacks import NormConversion
 from syncnorm.lightning import SyncNormLayerSync
-from tests.callbacks._lit import LitNet, Record, dataset, load_records, make_net, trainer
+from tests.callbacks._lit import NAMESPACES, Record, dataset, lit_net, load_records, make_net, trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -28,10 +28,12 @@ class RecordTeardown(pl.Callback):
         torch.save(kinds, f"{self.folder}/teardown{trainer.global_rank}.pt")
 
 
-def test_plugin_under_ddp_equals_single_process_and_reverts(tmp_path):
+@pytest.mark.parametrize("ns", list(NAMESPACES))
+def test_plugin_under_ddp_equals_single_process_and_reverts(tmp_path, ns):
+    # one SyncNormLayerSync class for both Trainers: each accepts only its own namespace's LayerSync
     steps, per_rank = 5, 4
-    model = LitNet(lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
-    tr = trainer(tmp_path, max_steps=steps, plugins=[SyncNormLayerSync("sync")],
+    model = lit_net(ns, lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
+    tr = trainer(tmp_path, ns=ns, max_steps=steps, plugins=[SyncNormLayerSync("sync")],
                  callbacks=[Record(str(tmp_path)), RecordTeardown(str(tmp_path))])
     tr.fit(model)
     ref = make_net(0)
@@ -54,9 +56,10 @@ def test_plugin_under_ddp_equals_single_process_and_reverts(tmp_path):
 
 
 def test_sync_group_size_option_of_norm_conversion(tmp_path):
-    # k = 1 on 2 ranks: each rank normalizes with its own statistics (a group of one rank)
-    model = LitNet(lr=0.1, batch_size=4, n=16)
-    tr = trainer(tmp_path, max_steps=2, callbacks=[NormConversion("sync", sync_group_size=1), Record(str(tmp_path))])
+    # k = 1 on 2 ranks: each rank normalizes with its own statistics (a group of one rank); under
+    # lightning.pytorch's Trainer (NormConversion's DDP exactness test runs under pytorch_lightning's)
+    model = lit_net("lightning.pytorch", lr=0.1, batch_size=4, n=16)
+    tr = trainer(tmp_path, ns="lightning.pytorch", max_steps=2, callbacks=[NormConversion("sync", sync_group_size=1), Record(str(tmp_path))])
     tr.fit(model)
     for rec in load_records(tmp_path):
         assert set(rec["kinds"].values()) == {"SyncBatchNorm"}

@@ -7,15 +7,20 @@ import torch
 from torch import nn
 
 from syncnorm.callbacks import NormConversion
-from tests.callbacks._lit import LitNet, Record, dataset, load_records, make_net, trainer
+from tests.callbacks._lit import NAMESPACES, Record, dataset, lit_net, load_records, make_net, trainer
 
 pytestmark = pytest.mark.distributed
 
+both_namespaces = pytest.mark.parametrize("ns", list(NAMESPACES))
+"""The same test under ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` (the DDP runs
+are shared out instead, to keep the suite fast: this exactness test runs under pytorch_lightning,
+``test_layer_sync``'s plugin test under both, its ``sync_group_size`` test under lightning.pytorch)."""
+
 
 def test_sync_under_ddp_equals_single_process_on_combined_batch(tmp_path):
-    steps, per_rank = 6, 4
-    model = LitNet(lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
-    tr = trainer(tmp_path, callbacks=[NormConversion("sync"), Record(str(tmp_path))], max_steps=steps)
+    ns, steps, per_rank = "pytorch_lightning", 6, 4
+    model = lit_net(ns, lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
+    tr = trainer(tmp_path, ns=ns, callbacks=[NormConversion("sync"), Record(str(tmp_path))], max_steps=steps)
     tr.fit(model)
     records = load_records(tmp_path)
     for rec in records:  # what each DDP worker trained
@@ -36,10 +41,11 @@ def test_sync_under_ddp_equals_single_process_on_combined_batch(tmp_path):
             torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=lambda m: f"rank {rank} {k}: {m}")
 
 
-def test_refuses_lightning_sync_batchnorm(tmp_path):
-    tr = trainer(tmp_path, devices=1, sync_batchnorm=True, callbacks=[NormConversion("sync")], max_steps=1)
+@both_namespaces
+def test_refuses_lightning_sync_batchnorm(tmp_path, ns):
+    tr = trainer(tmp_path, devices=1, ns=ns, sync_batchnorm=True, callbacks=[NormConversion("sync")], max_steps=1)
     with pytest.raises(RuntimeError, match="cannot be combined with Trainer\\(sync_batchnorm=True\\)"):
-        tr.fit(LitNet())
+        tr.fit(lit_net(ns))
 
 
 def test_unknown_kind_is_refused_at_construction():
@@ -47,19 +53,20 @@ def test_unknown_kind_is_refused_at_construction():
         NormConversion("syncbn")
 
 
-def test_callbacks_work_with_validate_and_resume(tmp_path):
+@both_namespaces
+def test_callbacks_work_with_validate_and_resume(tmp_path, ns):
     from syncnorm.callbacks import FreezeNormStats, PreciseBN, StatDivergenceMonitor
 
     cbs = lambda: [NormConversion("ghost", virtual_batch_size=2), FreezeNormStats(modules="head.*"),  # noqa: E731
                    StatDivergenceMonitor(every_n_steps=1), PreciseBN(num_batches=2)]
-    model = LitNet(batch_size=4, n=16)
-    tr = trainer(tmp_path, devices=1, max_epochs=1, limit_val_batches=1, enable_checkpointing=True, callbacks=cbs())
+    model = lit_net(ns, batch_size=4, n=16)
+    tr = trainer(tmp_path, devices=1, ns=ns, max_epochs=1, limit_val_batches=1, enable_checkpointing=True, callbacks=cbs())
     tr.fit(model)
     metrics = tr.validate(model, verbose=False)
     assert metrics and "val_loss" in metrics[0]
     ckpt = next(tmp_path.rglob("*.ckpt"))
-    resumed = LitNet(batch_size=4, n=16)
-    tr2 = trainer(tmp_path / "r", devices=1, max_epochs=2, limit_val_batches=1, callbacks=cbs())
+    resumed = lit_net(ns, batch_size=4, n=16)
+    tr2 = trainer(tmp_path / "r", devices=1, ns=ns, max_epochs=2, limit_val_batches=1, callbacks=cbs())
     tr2.fit(resumed, ckpt_path=str(ckpt))
     assert type(resumed.backbone[2]).__name__ == "GhostBatchNorm" and tr2.global_step == 8
 
