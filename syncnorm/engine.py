@@ -36,7 +36,6 @@ all_reduce, without graph breaks.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import warnings
 import zlib

@@ -8,7 +8,7 @@ and checkpoint-version migration are torch's own). It deliberately does *not* su
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +126,39 @@ class BatchNormBase(_BatchNorm):
     def _local_batch_norm(self, x: Tensor, factor: float) -> Tensor:
         """Exactly ``torch.nn.BatchNorm*d``'s forward (same kernel), with syncnorm's error messages."""
         return engine.local_batch_norm(self, x, self.weight, self.bias, factor)
+
+
+class MixedNorm(BatchNormBase):
+    """Base of the norms that mix the (synchronized) batch statistics with per-sample ones
+    (:class:`~syncnorm.BatchInstanceNorm`, :class:`~syncnorm.SwitchableNorm`): :class:`SyncBatchNorm`'s
+    arguments, and an input with at least one trailing dim. A subclass adds its mixing parameters in
+    :meth:`_init_mix` and takes its batch statistics from :mod:`syncnorm.engine`.
+
+    Args:
+        num_features: C from an expected input of size ``(N, C, *)``.
+        eps: added to the variance for numerical stability.
+        momentum: running-statistics factor (``None``: cumulative average).
+        affine: learnable per-channel weight and bias.
+        track_running_stats: keep running statistics for eval.
+        process_group: the group whose batch statistics are used in training (``None``: the world).
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: with ``affine``, ``False`` keeps the weight and drops the bias (keyword-only, as torch).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group: Optional[Any] = None,
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
+        self._init_mix(device, dtype)
+
+    def _init_mix(self, device: Any, dtype: Any) -> None:
+        raise NotImplementedError
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        super()._check_input_dim(input)
+        if input.dim() < 3:
+            raise ValueError(f"{type(self).__name__}: expected input (N, {self.num_features}, *) with at least one "
+                             f"trailing dim for instance statistics, got shape {tuple(input.shape)}")

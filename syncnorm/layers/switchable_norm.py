@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 from torch import Tensor, nn
 
 from .. import engine
-from ._base import BatchNormBase
+from ._base import MixedNorm
 
 
-class SwitchableNorm(BatchNormBase):
+class SwitchableNorm(MixedNorm):
     r"""Switchable Normalization (Luo et al., 2018, https://arxiv.org/abs/1806.10779).
 
     .. math::
@@ -25,13 +23,7 @@ class SwitchableNorm(BatchNormBase):
     the running statistics track them as BatchNorm does (unbiased variance); in eval the BN branch
     uses the running statistics. All variances are biased (population) in the mix.
 
-    Args:
-        num_features: as in :class:`SyncBatchNorm`.
-        eps: as in :class:`SyncBatchNorm`.
-        momentum: as in :class:`SyncBatchNorm`.
-        affine: as in :class:`SyncBatchNorm`.
-        track_running_stats: as in :class:`SyncBatchNorm`.
-        process_group: as in :class:`SyncBatchNorm`.
+    Takes :class:`SyncBatchNorm`'s arguments (see :class:`~syncnorm.layers._base.MixedNorm`).
 
     Example::
 
@@ -41,19 +33,12 @@ class SwitchableNorm(BatchNormBase):
         torch.Size([4, 8, 5, 5])
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group: Optional[Any] = None,
-                 device=None, dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
-        self.process_group = process_group
+    def _init_mix(self, device, dtype) -> None:
         self.mean_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.zeros(3, device=device, dtype=dtype))
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if input.dim() < 3:
-            raise ValueError(f"SwitchableNorm: expected input (N, {self.num_features}, *) with at least one "
-                             f"trailing dim for instance statistics, got shape {tuple(input.shape)}")
         n, c = input.shape[:2]
         x = input
         spatial = list(range(2, x.dim()))
