@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
 
 from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
-           "report_outputs", "resolved_container", "to_float_dict", "exit_now"]
+           "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +167,57 @@ def resolved_container(cfg: DictConfig) -> dict[str, Any]:
         value = cfg[key]
         out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return out
+
+
+_HYDRA_VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def _child_argv(argv: list[str], overrides: list[str]) -> list[str]:
+    """``argv`` with its Hydra config-folder flags (``--config-dir``, ``--config-path``,
+    ``--config-name`` and their short forms) kept, and everything else (``-m``, the sweep's
+    overrides) replaced by one job's ``overrides``."""
+    kept = [argv[0]]
+    args = iter(argv[1:])
+    for arg in args:
+        name, eq, _ = arg.partition("=")
+        if name in _HYDRA_VALUE_FLAGS:
+            kept.append(arg)
+            if not eq:
+                kept.append(next(args, ""))
+    return kept + list(overrides)
+
+
+@contextlib.contextmanager
+def ddp_children_run_this_job() -> Iterator[None]:
+    """While a multirun job trains, make the DDP processes Lightning starts run this job only.
+
+    Lightning starts ranks 1.. of ``strategy=ddp`` by re-running ``sys.argv`` with
+    ``hydra.run.dir=<HydraConfig run.dir>`` appended (``_hydra_subprocess_cmd``). In a multirun
+    (``-m``) that command is the whole sweep again, in a second sweep folder, with ``run.dir`` the
+    single-run folder. Here, for a ``-m`` job, ``sys.argv`` becomes this job's overrides (Hydra's
+    ``hydra.overrides.task``, keeping ``--config-dir``/``--config-path``/``--config-name``) and
+    ``run.dir`` the job's folder, so each child is a single run of exactly this job, writing to it.
+    Both are restored afterwards, and so is the environment: Lightning leaves ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``MASTER_PORT``... set in the launching process, and with ``LOCAL_RANK`` set the
+    next job's Trainer would take the processes as launched externally and wait for a rank 1 that
+    nobody starts. Outside a Hydra multirun it does nothing.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.instance().cfg.hydra  # type: ignore[union-attr]
+    saved_argv, saved_dir, saved_env = sys.argv, hydra_cfg.run.dir, dict(os.environ)
+    sys.argv = _child_argv(sys.argv, list(hydra_cfg.overrides.task))
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_dir

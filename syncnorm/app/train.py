@@ -30,8 +30,8 @@ from syncnorm import distributed
 
 from .config import config_dir, import_modules, validate_config
 from .resolvers import register_resolvers
-from .runtime import (exit_now, init_distributed_after_restart, instantiate_callbacks, instantiate_loggers,
-                      load_weights, report_outputs, resolved_container, to_float_dict)
+from .runtime import (ddp_children_run_this_job, exit_now, init_distributed_after_restart, instantiate_callbacks,
+                      instantiate_loggers, load_weights, report_outputs, resolved_container, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -88,7 +88,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     init_distributed_after_restart(str(cfg.trainer.get("accelerator", "cpu")))
     success = False
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with ddp_children_run_this_job():  # a multirun job: Lightning's DDP children run this job only
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         metrics = to_float_dict(trainer.callback_metrics)
         report_outputs(trainer, metrics)
         success = True
