@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from . import distributed, rules
-from .factory import NormKind, get_kind, layer_kinds, registered_rows
+from .factory import CONVERSION_NOTE_ATTR, NormKind, get_kind, layer_kinds, registered_rows
 from .layers import FrozenBatchNorm
 from .layers._base import replace_modules, transfer_norm_state
 
@@ -172,6 +172,7 @@ def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> 
         options = {k: v for k, v in options.items() if k in row.options}
         reason = f"auto chose {chosen!r} because {why}; "
     changes: Counter = Counter()
+    notes: Counter = Counter()  # a builder's remark (CONVERSION_NOTE_ATTR), reported once with its count
 
     def make(old: nn.Module, name: str) -> nn.Module:
         new = row.replace(old, options)
@@ -180,12 +181,17 @@ def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> 
         _move_state(old, new)
         new.layer_name = name or getattr(old, "layer_name", None)
         changes[(type(old).__name__, type(new).__name__)] += 1
+        note = new.__dict__.pop(CONVERSION_NOTE_ATTR, None)
+        if note:
+            notes[note] += 1
         return new
 
     root = replace_modules(module, _is_family, make)
     if changes:
         detail = ", ".join(f"{src} -> {dst} x{n}" for (src, dst), n in sorted(changes.items()))
-        return root, f"convert_norms({row.name}): {reason}{sum(changes.values())} layers converted ({detail})"
+        remarks = "".join(f"; {note} (x{n} layers)" for note, n in notes.items())
+        return root, (f"convert_norms({row.name}): {reason}{sum(changes.values())} layers converted ({detail})"
+                      f"{remarks}")
     return root, f"convert_norms({row.name}): {reason}no layer to convert"
 
 

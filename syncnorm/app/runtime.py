@@ -18,7 +18,8 @@ from torch import nn
 from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
-           "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job"]
+           "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
+           "short_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +80,66 @@ def load_weights(module: nn.Module, path: str, strict: bool = True) -> None:
     into a ``norm=batch`` model and back.
 
     Raises:
-        ValueError: the file holds no ``state_dict``, or (``strict``) keys do not match.
+        ConfigError: the file holds no ``state_dict``; or its weights do not fit ``module`` (keys
+            missing or unexpected with ``strict``, or shapes that differ): the message names the
+            model settings (hyper-parameters) and the norm kind the checkpoint was written with, and
+            those of ``module`` that differ.
     """
+    from .config import ConfigError
+
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if state is None:
-        raise ValueError(f"load_weights: {path} is not a Lightning checkpoint (no 'state_dict'); "
-                         f"found keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}")
-    result = module.load_state_dict(state, strict=strict)
+        raise ConfigError(f"load_weights: {path} is not a Lightning checkpoint (no 'state_dict'); "
+                          f"found keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+    try:
+        result = module.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise ConfigError(_mismatch_message(module, path, ckpt, state, str(err))) from None
     if not strict and (result.missing_keys or result.unexpected_keys):
         log.warning("load_weights(%s): missing %s, unexpected %s", path, result.missing_keys, result.unexpected_keys)
 
 
-def report_outputs(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Print (rank 0 only) where the checkpoint and the logs went, and the final metrics."""
+def _mismatch_message(module: nn.Module, path: str, ckpt: dict, state: dict, torch_error: str) -> str:
+    """What a checkpoint was written with, against ``module``: for a state_dict that does not load."""
+    saved = {str(k): v for k, v in (ckpt.get("hyper_parameters") or {}).items()}
+    ours = {str(k): v for k, v in dict(getattr(module, "hparams", {}) or {}).items()}
+    norm = next((v.get("kind") for k, v in (ckpt.get("callbacks") or {}).items()
+                 if str(k).startswith("NormConversion") and isinstance(v, dict) and v.get("kind")), None)
+    here = module.state_dict()
+    missing = sorted(set(here) - set(state))
+    unexpected = sorted(set(state) - set(here))
+    shapes = sorted(k for k in set(here) & set(state) if tuple(here[k].shape) != tuple(state[k].shape))
+    differ = [f"model.{k}={saved[k]!r} (this run: {ours[k]!r})" for k in sorted(set(saved) & set(ours))
+              if saved[k] != ours[k]]
+    written = ", ".join(f"{k}={v!r}" for k, v in saved.items() if k in ("depth", "width", "stem")) or "?"
+    lines = [f"finetune.checkpoint={path} does not fit this model: it was written by a model with {written}"
+             f"{f' and norm={norm}' if norm else ''}.",
+             f"  differing settings: {', '.join(differ) if differ else 'none in the hyper-parameters'}",
+             f"  weights: {len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape"
+             + (f" (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} in the checkpoint, "
+                f"{tuple(here[shapes[0]].shape)} here)" if shapes else ""),
+             "  Use the model settings of the run that wrote it (or finetune.strict=false to load the keys that "
+             "fit, when only keys differ)."]
+    if not saved and not norm:  # not an app checkpoint: torch's own first line says what failed
+        lines.insert(1, "  " + torch_error.splitlines()[0])
+    return "\n".join(lines)
+
+
+def report_outputs(trainer: pl.Trainer, metrics: dict[str, float], run_dir: Optional[str] = None) -> None:
+    """Log (rank 0 only; the console and the run's log file) where everything went: the run folder,
+    Hydra's saved config (``.hydra/``), the log file, the checkpoint, the loggers, the final metrics."""
     if not trainer.is_global_zero:
         return
     lines = ["", "syncnorm.train finished:"]
+    if run_dir:
+        lines.append(f"  run folder: {run_dir}")
+    config = _hydra_config_folder()
+    if config:
+        lines.append(f"  config: {config}")
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        lines.append(f"  log: {files[0]}")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:
         last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
@@ -105,7 +149,20 @@ def report_outputs(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "train/"))}
     if shown:
         lines.append("  metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
+
+
+def _hydra_config_folder() -> Optional[str]:
+    """``<run dir>/.hydra`` (Hydra's saved config and overrides) when Hydra wrote one, else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if not hydra_cfg.output_subdir:
+        return None
+    folder = os.path.join(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir)
+    return folder if os.path.isdir(folder) else None
 
 
 def _logger_location(logger: Any) -> str:
@@ -221,3 +278,81 @@ def ddp_children_run_this_job() -> Iterator[None]:
         os.environ.update(saved_env)
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = saved_dir
+
+
+def _override_hint(err: Exception) -> Optional[str]:
+    """For Hydra's "Could not override 'a.b'" (a key the config does not have): the keys of ``a``
+    that look like ``b`` ("did you mean"), else ``a``'s keys; Hydra's own hint (``+a.b=...``, adding
+    the key) is kept only when nothing looks like it, since adding a misspelt key fails later."""
+    import difflib
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    text = str(err)
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not text.startswith("Could not override"):
+        return None
+    full_key, key, parent = str(cause.full_key or ""), str(cause.key), cause.parent_node
+    if parent is None or not OmegaConf.is_dict(parent):
+        return None
+    where = full_key.rpartition(".")[0]
+    prefix = f"{where}." if where else ""
+    keys = [str(k) for k in parent.keys() if str(k) != "hydra"]
+    value = text.split("use +", 1)[1].split("=", 1)[1] if "use +" in text and "=" in text.split("use +", 1)[1] else ""
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    head = f"Could not override '{full_key}': {where or 'the config'} has no key '{key}'."
+    if close:
+        return head + " Did you mean " + " or ".join(f"{prefix}{c}={value}" for c in close) + "?"
+    return (head + f" Its keys: {', '.join(keys)}. To add a new key on purpose: +{text.split('use +', 1)[1]}"
+            if "use +" in text else head + f" Its keys: {', '.join(keys)}.")
+
+
+def _user_error_message(err: Exception) -> Optional[str]:
+    """The message to print instead of a traceback for an error in the user's input (the config,
+    the overrides, a checkpoint that does not fit), else ``None`` (a real failure: keep the traceback)."""
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, CompactHydraException):  # composition: unknown option, unknown key, bad override
+        hint = _override_hint(err)
+        if hint:
+            return hint
+        cause = err.__cause__
+        return str(err) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else "")
+    return None
+
+
+@contextlib.contextmanager
+def short_errors() -> Iterator[None]:
+    """Around the whole command (Hydra's composition and the run): an error in the user's input is
+    printed as its message alone, by rank 0 only (every rank of a torchrun job fails the same way),
+    and the process exits with code 2; other errors keep their traceback.
+
+    Hydra prints its own errors and exits; ``HYDRA_FULL_ERROR=1`` is set inside (and restored after)
+    so that they reach this handler. A user who sets ``HYDRA_FULL_ERROR=1`` gets every traceback.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        yield
+        return
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - sorted below: user errors end here, the rest is re-raised
+        message = _user_error_message(err)
+        if message is None:
+            raise
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            print(f"syncnorm.train: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved

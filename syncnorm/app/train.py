@@ -28,10 +28,11 @@ from omegaconf import DictConfig
 
 from syncnorm import distributed
 
-from .config import config_dir, import_modules, validate_config
+from .config import ConfigError, config_dir, import_modules, validate_config
 from .resolvers import register_resolvers
 from .runtime import (ddp_children_run_this_job, exit_now, init_distributed_after_restart, instantiate_callbacks,
-                      instantiate_loggers, load_weights, report_outputs, resolved_container, to_float_dict)
+                      instantiate_loggers, load_weights, report_outputs, resolved_container, short_errors,
+                      to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -91,16 +92,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with ddp_children_run_this_job():  # a multirun job: Lightning's DDP children run this job only
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         metrics = to_float_dict(trainer.callback_metrics)
-        report_outputs(trainer, metrics)
+        report_outputs(trainer, metrics, run_dir=str(cfg.paths.output_dir))
         success = True
     finally:
         distributed.shutdown(success)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers.
+def _task(cfg: DictConfig) -> Optional[float]:
+    """The Hydra task: train, return ``cfg.optimized_metric`` for sweepers.
 
     A failed distributed run whose process group could not be closed (a peer became unreachable,
     see :func:`syncnorm.distributed.shutdown`) ends the process at once, with the traceback and exit
@@ -108,12 +108,26 @@ def main(cfg: DictConfig) -> Optional[float]:
     """
     try:
         metrics = train(cfg)
+    except ConfigError:
+        raise  # before anything distributed started: short_errors prints it
     except Exception:
         if distributed.is_distributed():
             exit_now(1)
         raise
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_task)
+
+
+def main() -> Optional[float]:
+    """Console entry point (``syncnorm-train``, ``python -m syncnorm.train``): Hydra's command line
+    (overrides, ``-m``, ``--config-dir``...) around :func:`train`. Errors in the user's input (a
+    config value, an unknown key or option, a checkpoint that does not fit) print one message (rank 0)
+    and exit with code 2 (:func:`~syncnorm.app.runtime.short_errors`)."""
+    with short_errors():
+        return _hydra_main()
 
 
 if __name__ == "__main__":

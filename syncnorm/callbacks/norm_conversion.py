@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -13,6 +14,8 @@ from ..convert import AUTO, conversion_kind, convert_norms_with_summary
 from ..engine import engine_state_dict, load_engine_state_dict
 from ..factory import synchronizing_kinds
 from ..distributed import new_sync_groups
+
+log = logging.getLogger(__name__)
 
 
 class NormConversion(pl.Callback):
@@ -90,6 +93,10 @@ class NormConversion(pl.Callback):
             if "per_device_batch" not in options:
                 options["per_device_batch"] = _batch_size(trainer, pl_module)
         _, self.summary = convert_norms_with_summary(pl_module, self.kind, **options)
+        if trainer.world_size == 1 and self.kind in synchronizing_kinds() and trainer.is_global_zero:
+            log.warning("NormConversion(%r) in a run of one process: there is no other process to synchronize "
+                        "with, so it trains as the local layer (sync: exactly BatchNorm on this process's batch). "
+                        "Start several processes (e.g. trainer=ddp_cpu, or torchrun) to synchronize.", self.kind)
         if self.sync_timeout_s is not None:
             for module in pl_module.modules():
                 if hasattr(module, "sync_timeout_s"):
@@ -98,7 +105,8 @@ class NormConversion(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"engine": engine_state_dict(self._module) if self._module is not None else {}}
+        # the kind: for messages about the checkpoint (it does not change what is restored)
+        return {"kind": self.kind, "engine": engine_state_dict(self._module) if self._module is not None else {}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
