@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -19,7 +19,7 @@ from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
            "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
-           "short_errors"]
+           "short_errors", "exit_with_user_error"]
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +299,10 @@ def _override_hint(err: Exception) -> Optional[str]:
     prefix = f"{where}." if where else ""
     keys = [str(k) for k in parent.keys() if str(k) != "hydra"]
     value = text.split("use +", 1)[1].split("=", 1)[1] if "use +" in text and "=" in text.split("use +", 1)[1] else ""
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     head = f"Could not override '{full_key}': {where or 'the config'} has no key '{key}'."
     if close:
-        return head + " Did you mean " + " or ".join(f"{prefix}{c}={value}" for c in close) + "?"
+        return head + f" Did you mean {prefix}{close[0]}={value}?"
     return (head + f" Its keys: {', '.join(keys)}. To add a new key on purpose: +{text.split('use +', 1)[1]}"
             if "use +" in text else head + f" Its keys: {', '.join(keys)}.")
 
@@ -326,6 +326,19 @@ def _user_error_message(err: Exception) -> Optional[str]:
     return None
 
 
+def exit_with_user_error(err: Exception) -> NoReturn:
+    """Print an error in the user's input as one message (rank 0 only: every rank of a torchrun job
+    fails the same way) and exit with code 2. Other errors are re-raised."""
+    message = _user_error_message(err)
+    if message is None:
+        raise err
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"syncnorm.train: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 @contextlib.contextmanager
 def short_errors() -> Iterator[None]:
     """Around the whole command (Hydra's composition and the run): an error in the user's input is
@@ -343,14 +356,9 @@ def short_errors() -> Iterator[None]:
     try:
         yield
     except Exception as err:  # noqa: BLE001 - sorted below: user errors end here, the rest is re-raised
-        message = _user_error_message(err)
-        if message is None:
+        if _user_error_message(err) is None:
             raise
-        from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-        if getattr(rank_zero_only, "rank", 0) == 0:
-            print(f"syncnorm.train: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        exit_with_user_error(err)
     finally:
         if saved is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

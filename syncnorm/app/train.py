@@ -22,6 +22,8 @@ import logging
 from typing import Any, Optional
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -30,9 +32,9 @@ from syncnorm import distributed
 
 from .config import ConfigError, config_dir, import_modules, validate_config
 from .resolvers import register_resolvers
-from .runtime import (ddp_children_run_this_job, exit_now, init_distributed_after_restart, instantiate_callbacks,
-                      instantiate_loggers, load_weights, report_outputs, resolved_container, short_errors,
-                      to_float_dict)
+from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, init_distributed_after_restart,
+                      instantiate_callbacks, instantiate_loggers, load_weights, report_outputs, resolved_container,
+                      short_errors, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -108,8 +110,10 @@ def _task(cfg: DictConfig) -> Optional[float]:
     """
     try:
         metrics = train(cfg)
-    except ConfigError:
-        raise  # before anything distributed started: short_errors prints it
+    except ConfigError as err:  # raised before anything distributed started
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep's other jobs still run; Hydra names the failed job, short_errors prints it
+        exit_with_user_error(err)  # one message (rank 0), exit code 2
     except Exception:
         if distributed.is_distributed():
             exit_now(1)
