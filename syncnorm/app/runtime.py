@@ -19,7 +19,7 @@ from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
            "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
-           "short_errors", "exit_with_user_error"]
+           "short_errors", "exit_with_user_error", "finish_wandb"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,10 @@ def wandb_mode(node: DictConfig) -> str:
 
 
 def instantiate_loggers(group: Optional[DictConfig]) -> list[Any]:
-    """One logger per entry of the ``logger`` group; a W&B logger gets its resolved mode."""
+    """One logger per entry of the ``logger`` group; a W&B logger gets its resolved mode and the run
+    folder's W&B id (:func:`~syncnorm.app.loggers.wandb_resume_options`) unless ``id`` is set."""
+    from .loggers import wandb_resume_options
+
     loggers = []
     for _, node in _targets(group):
         if node._target_.endswith("WandbLogger"):
@@ -68,6 +71,8 @@ def instantiate_loggers(group: Optional[DictConfig]) -> list[Any]:
             with open_dict(node):
                 node.mode = mode
                 node.offline = mode == "offline"
+                if node.get("id") is None and node.get("save_dir"):  # a restart continues the same W&B run
+                    node.update(wandb_resume_options(str(node.save_dir)))
         loggers.append(instantiate(node))
     return loggers
 
@@ -126,6 +131,16 @@ def _mismatch_message(module: nn.Module, path: str, ckpt: dict, state: dict, tor
     return "\n".join(lines)
 
 
+def finish_wandb(success: bool) -> None:
+    """End the W&B run this process started, if any (``exit_code`` 0 or 1): a failed attempt is marked
+    failed, and a later attempt in the same process (a resume) starts its own run with the same id
+    instead of reusing this one. Data is flushed when the process exits (wandb's own exit hook)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        run.finish(exit_code=0 if success else 1)
+
+
 def report_outputs(trainer: pl.Trainer, metrics: dict[str, float], run_dir: Optional[str] = None) -> None:
     """Log (rank 0 only; the console and the run's log file) where everything went: the run folder,
     Hydra's saved config (``.hydra/``), the log file, the checkpoint, the loggers, the final metrics."""
@@ -159,9 +174,10 @@ def _hydra_config_folder() -> Optional[str]:
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
-    if not hydra_cfg.output_subdir:
+    out = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    if not hydra_cfg.output_subdir or not out:  # no saved config (Lightning's DDP children), or compose API
         return None
-    folder = os.path.join(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir)
+    folder = os.path.join(out, hydra_cfg.output_subdir)
     return folder if os.path.isdir(folder) else None
 
 

@@ -31,10 +31,11 @@ from omegaconf import DictConfig
 from syncnorm import distributed
 
 from .config import ConfigError, config_dir, import_modules, validate_config
+from .loggers import KeepLogHistory
 from .resolvers import register_resolvers
-from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, init_distributed_after_restart,
-                      instantiate_callbacks, instantiate_loggers, load_weights, report_outputs, resolved_container,
-                      short_errors, to_float_dict)
+from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, finish_wandb,
+                      init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
+                      report_outputs, resolved_container, short_errors, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the norm conversion runs first in setup, so the other callbacks see the converted layers
     show_bar = cfg.trainer.get("enable_progress_bar", True) is not False
     callbacks = [instantiate(cfg.norm)] + instantiate_callbacks(cfg.get("callbacks"), progress_bar=show_bar)
+    callbacks.append(KeepLogHistory())  # a resumed run keeps the CSV rows before its checkpoint
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
@@ -97,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         report_outputs(trainer, metrics, run_dir=str(cfg.paths.output_dir))
         success = True
     finally:
+        finish_wandb(success)
         distributed.shutdown(success)
     return metrics
 
