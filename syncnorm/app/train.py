@@ -2,10 +2,12 @@
 
 ``train(cfg)`` builds every object from the config's ``_target_`` entries (data module, LightningModule,
 the norm group's :class:`~syncnorm.callbacks.NormConversion`, callbacks, loggers, Trainer), fits,
-and returns the final metrics; :func:`main` only adds ``@hydra.main``. Configs live in the
-repository's top-level ``conf/`` folder (``train.yaml`` is the root; :func:`~syncnorm.app.config.config_dir`);
-``--config-dir <folder>`` adds a user's own group options. See ``launch/README.md`` for
-single-node, multi-node and SLURM launches.
+and returns the final metrics; :func:`main` adds Hydra's command line (``@hydra.main``) and short
+messages for input errors. Configs live in the repository's top-level ``conf/`` folder, installed
+with the wheel as ``syncnorm/app/conf/`` (``train.yaml`` is the root;
+:func:`~syncnorm.app.config.config_dir`); ``--config-dir <folder>`` adds a user's own group options.
+See ``docs/app.md`` (running, multirun, resume, outputs, errors) and ``launch/README.md``
+(single-node, multi-node and SLURM launches).
 
 Examples::
 

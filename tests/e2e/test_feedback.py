@@ -36,6 +36,16 @@ def test_misspelt_key_says_did_you_mean_instead_of_adding_it(monkeypatch, capsys
     assert "Traceback" not in err
 
 
+def test_hydra_full_error_keeps_the_traceback(monkeypatch, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["syncnorm-train", "trainer.max_step=3"])
+    with pytest.raises(ConfigCompositionException, match="Could not override 'trainer.max_step'"):
+        main()
+
+
 def test_unknown_option_is_one_message(monkeypatch, capsys, tmp_path):
     code, err = _main_exit(monkeypatch, capsys, tmp_path, "norm=bath")
     assert code == 2 and "Could not find 'norm/bath'" in err and "\tbatch\n" in err and "Traceback" not in err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from syncnorm.app.loggers import WANDB_ID_FILE
+from syncnorm.app.loggers import WANDB_ID_FILE, HistoryCSVLogger
 from syncnorm.app.train import train
 
 from ._helpers import compose_cfg, read_metrics, step_losses
@@ -71,3 +71,13 @@ def test_wandb_offline_resume_continues_the_run_id(tmp_path):
     run_id = (run / "wandb" / WANDB_ID_FILE).read_text().strip()
     folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders), (run_id, folders)
+
+
+def test_csv_rows_reach_the_disk_with_each_checkpoint(tmp_path):
+    logger = HistoryCSVLogger(str(tmp_path), name="csv", version="")
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    path = tmp_path / "csv" / "metrics.csv"
+    assert not path.exists()  # Lightning's CSVLogger buffers rows (flush_logs_every_n_steps=100)
+    logger.after_save_checkpoint(None)
+    assert [int(r["step"]) for r in read_metrics(path)] == [0, 1, 2]
