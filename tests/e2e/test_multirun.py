@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from syncnorm.app.runtime import _child_argv
+
 from ._helpers import check_ok, read_metrics, run_cli
 
 SWEEP = ("-m", "norm=batch,group", "trainer.max_steps=2", "logger=csv", "model.width=4", "data.batch_size=8",
@@ -29,6 +31,12 @@ def _jobs(cwd: Path) -> list[Path]:
         assert [int(r["step"]) for r in read_metrics(job / "csv" / "metrics.csv") if r.get("train/loss")] == [0, 1]
         assert (job / "checkpoints" / "last.ckpt").is_file()
     return jobs
+
+
+def test_child_command_is_the_job_with_the_config_folder_flags():
+    argv = ["/x/syncnorm/train.py", "-m", "--config-dir", "/my/conf", "-cn=train", "norm=batch,group", "seed=1"]
+    assert _child_argv(argv, ["norm=group", "seed=1"]) == \
+        ["/x/syncnorm/train.py", "--config-dir", "/my/conf", "-cn=train", "norm=group", "seed=1"]
 
 
 def test_multirun_in_one_process_gives_one_folder_per_job(tmp_path):
