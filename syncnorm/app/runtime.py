@@ -242,6 +242,9 @@ def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+_LAUNCHER_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What Lightning's subprocess launcher sets in the launching process (``_SubprocessScriptLauncher``)."""
+
 _HYDRA_VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
@@ -270,8 +273,8 @@ def ddp_children_run_this_job() -> Iterator[None]:
     single-run folder. Here, for a ``-m`` job, ``sys.argv`` becomes this job's overrides (Hydra's
     ``hydra.overrides.task``, keeping ``--config-dir``/``--config-path``/``--config-name``) and
     ``run.dir`` the job's folder, so each child is a single run of exactly this job, writing to it.
-    Both are restored afterwards, and so is the environment: Lightning leaves ``LOCAL_RANK``,
-    ``WORLD_SIZE``, ``MASTER_PORT``... set in the launching process, and with ``LOCAL_RANK`` set the
+    Both are restored afterwards, and so are the variables Lightning's launcher sets in the launching
+    process (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``...): with ``LOCAL_RANK`` left set, the
     next job's Trainer would take the processes as launched externally and wait for a rank 1 that
     nobody starts. Outside a Hydra multirun it does nothing.
     """
@@ -282,7 +285,8 @@ def ddp_children_run_this_job() -> Iterator[None]:
         yield
         return
     hydra_cfg = HydraConfig.instance().cfg.hydra  # type: ignore[union-attr]
-    saved_argv, saved_dir, saved_env = sys.argv, hydra_cfg.run.dir, dict(os.environ)
+    saved_argv, saved_dir = sys.argv, hydra_cfg.run.dir
+    saved_env = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     sys.argv = _child_argv(sys.argv, list(hydra_cfg.overrides.task))
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
@@ -290,8 +294,11 @@ def ddp_children_run_this_job() -> Iterator[None]:
         yield
     finally:
         sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = saved_dir
 
