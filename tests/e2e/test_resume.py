@@ -42,13 +42,16 @@ def _attempt(run: Path, crash_at: int | None, extra: tuple[str, ...] = ()) -> No
         train(cfg)
 
 
-def test_two_resumes_keep_every_step_once_and_resume_mid_epoch(tmp_path, recwarn):
+def test_two_resumes_keep_every_step_once_resume_mid_epoch_and_continue_the_wandb_run(tmp_path, recwarn,
+                                                                                     monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # W&B offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
     reference = tmp_path / "uninterrupted"
     _attempt(reference, None, ("logger=csv",))
-    run = tmp_path / "crashing"
-    _attempt(run, 3, ("logger=csv",))  # last checkpoint: step 2 (epoch 0, 2 of 5 batches)
-    _attempt(run, 7, ("logger=csv",))  # resumed at step 2; last checkpoint: step 6 (epoch 1, 1 of 5)
-    _attempt(run, None, ("logger=csv",))  # resumed at step 6, to the end (10 steps)
+    run, loggers = tmp_path / "crashing", ("logger=[csv,wandb]",)
+    _attempt(run, 3, loggers)  # last checkpoint: step 2 (epoch 0, 2 of 5 batches)
+    _attempt(run, 7, loggers)  # resumed at step 2; last checkpoint: step 6 (epoch 1, 1 of 5)
+    _attempt(run, None, loggers)  # resumed at step 6, to the end (10 steps)
 
     rows = read_metrics(run / "csv" / "metrics.csv")
     logged = [(int(r["step"]), k) for r in rows for k, v in r.items() if v and k not in ("step", "epoch")]
@@ -63,14 +66,10 @@ def test_two_resumes_keep_every_step_once_and_resume_mid_epoch(tmp_path, recwarn
     assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-6, abs=0) for s in ref), (got, ref)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
-
-def test_wandb_offline_resume_continues_the_run_id(tmp_path):
-    run = tmp_path / "run"
-    _attempt(run, 3, ("logger=wandb",))
-    _attempt(run, None, ("logger=wandb",))
+    # W&B: every attempt wrote an offline run with the run folder's id
     run_id = (run / "wandb" / WANDB_ID_FILE).read_text().strip()
     folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.endswith(f"-{run_id}") for f in folders), (run_id, folders)
+    assert len(folders) == 3 and all(f.endswith(f"-{run_id}") for f in folders), (run_id, folders)
 
 
 def test_csv_rows_reach_the_disk_with_each_checkpoint(tmp_path):
