@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import distributed, rules
-from .factory import NormKind, get_kind, layer_kinds, registered_rows
+from .factory import CONVERSION_NOTE_ATTR, NormKind, get_kind, layer_kinds, registered_rows
 from .layers import FrozenBatchNorm
 from .layers._base import replace_modules, transfer_norm_state
 
@@ -267,17 +267,21 @@ def convert_norms_with_summary(module: nn.Module, kind: str, **options: Any) -> 
         row = get_kind(chosen, "convert_norms")
         options = {k: v for k, v in options.items() if k in row.options}
         reason = f"auto chose {chosen!r} because {why}; "
-    root, changes = _replace(module, row, options, _is_family)
+    root, changes, notes = _replace(module, row, options, _is_family)
     if changes:
         detail = ", ".join(f"{src} -> {dst} x{n}" for (src, dst), n in sorted(changes.items()))
-        return root, f"convert_norms({row.name}): {reason}{sum(changes.values())} layers converted ({detail})"
+        remarks = "".join(f"; {note} (x{n} layers)" for note, n in notes.items())
+        return root, (f"convert_norms({row.name}): {reason}{sum(changes.values())} layers converted ({detail})"
+                      f"{remarks}")
     return root, f"convert_norms({row.name}): {reason}no layer to convert"
 
 
 def _replace(module: nn.Module, row: NormKind, options: Mapping[str, Any],
-             match: Callable[[nn.Module], bool]) -> tuple[nn.Module, Counter]:
-    """Every conversion: replace each layer with ``match`` by ``row``'s layer; ``(root, changes)``."""
+             match: Callable[[nn.Module], bool]) -> tuple[nn.Module, Counter, Counter]:
+    """Every conversion: replace each layer with ``match`` by ``row``'s layer; ``(root, changes,
+    notes)``, ``notes`` counting each builder's remark (``CONVERSION_NOTE_ATTR``), reported once."""
     changes: Counter = Counter()
+    notes: Counter = Counter()
 
     def make(old: nn.Module, name: str) -> nn.Module:
         _check_convertible(old, name)
@@ -288,9 +292,12 @@ def _replace(module: nn.Module, row: NormKind, options: Mapping[str, Any],
         _carry_children(old, new, name)
         new.layer_name = name or getattr(old, "layer_name", None)
         changes[(type(old).__name__, type(new).__name__)] += 1
+        note = new.__dict__.pop(CONVERSION_NOTE_ATTR, None)
+        if note:
+            notes[note] += 1
         return new
 
-    return replace_modules(module, match, make), changes
+    return replace_modules(module, match, make), changes, notes
 
 
 _TO_SYNC = frozenset({"batch", "sync"})
@@ -311,7 +318,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
     row = get_kind("sync", "convert_sync_batchnorm")
     if cls is not None and cls is not row.builder:
         row = dataclasses.replace(row, builder=cls)
-    root, _ = _replace(module, row, {"process_group": process_group},
+    root, _, _ = _replace(module, row, {"process_group": process_group},
                        lambda m: _is_family(m) and _kinds_of(m) <= _TO_SYNC)
     return root
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
@@ -49,10 +48,13 @@ from .layers import BatchInstanceNorm, BatchRenorm, FrozenBatchNorm, GhostBatchN
 from .layers._base import ORIGINAL_CLASS_ATTR
 from .rules import Rule
 
-__all__ = ["NormKind", "NormSpec", "SETTINGS", "build_original", "create_norm_layer", "get_kind", "get_norm_layer",
-           "is_frozen_look_alike", "layer_kinds", "layer_settings", "largest_divisor_at_most", "norm_kinds", "register_norm", "registered_rows", "synchronizing_kinds"]
+__all__ = ["CONVERSION_NOTE_ATTR", "NormKind", "NormSpec", "SETTINGS", "build_original", "create_norm_layer",
+           "get_kind", "get_norm_layer", "is_frozen_look_alike", "layer_kinds", "layer_settings",
+           "largest_divisor_at_most", "norm_kinds", "register_norm", "registered_rows", "synchronizing_kinds"]
 
-log = logging.getLogger(__name__)
+CONVERSION_NOTE_ATTR = "_syncnorm_conversion_note"
+"""Attribute a builder may set on a layer it made: a remark about the result (e.g. GroupNorm's lowered
+group count). :func:`syncnorm.convert_norms` removes it and reports each distinct note once."""
 
 NormSpec = Union[str, Callable[..., nn.Module], None]
 
@@ -330,10 +332,12 @@ def largest_divisor_at_most(c: int, limit: int) -> int:
 
 def _group(num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True) -> nn.Module:
     g = largest_divisor_at_most(num_features, num_groups)
-    if g != num_groups:
-        log.info("group norm: C=%d is not divisible by num_groups=%d; using %d groups (the largest divisor)",
-                 num_features, num_groups, g)
-    return nn.GroupNorm(g, num_features, eps=eps, affine=affine)
+    layer = nn.GroupNorm(g, num_features, eps=eps, affine=affine)
+    if g != num_groups:  # reported once per distinct note in the conversion's summary (convert_norms)
+        setattr(layer, CONVERSION_NOTE_ATTR,
+                f"group norm: C={num_features} is not divisible by num_groups={num_groups}; using {g} groups "
+                "(the largest divisor)")
+    return layer
 
 
 def _converted_group_norm(module: nn.Module) -> bool:

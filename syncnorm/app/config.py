@@ -37,10 +37,22 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The folder of the app's Hydra configs (``train.yaml`` and the groups): the repository's
-    top-level ``conf/``. The one place the app looks for it; a user folder given with Hydra's
-    ``--config-dir`` is searched first and can add group options (a model, a norm)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The folder of the app's Hydra configs (``train.yaml`` and the groups). There is one copy, the
+    repository's top-level ``conf/``; a wheel installs it as ``syncnorm/app/conf/`` (``setup.py``).
+    So: ``syncnorm/app/conf/`` when it exists (an installed package), else the checkout's ``conf/``
+    (an editable install, or ``PYTHONPATH=<checkout>``). A user folder given with Hydra's
+    ``--config-dir`` is searched first and can add group options (a model, a norm).
+
+    Raises:
+        FileNotFoundError: neither folder holds ``train.yaml`` (a broken install).
+    """
+    here = Path(__file__).resolve().parent
+    candidates = (here / "conf", here.parents[1] / "conf")
+    for folder in candidates:
+        if (folder / "train.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"syncnorm's app configs are missing: expected train.yaml in {candidates[0]} "
+                            f"(installed) or {candidates[1]} (checkout); reinstall syncnorm")
 
 
 def import_modules(names: Optional[Iterable[str]]) -> None:

@@ -11,7 +11,11 @@ before Hydra composes the config:
 * ``${syncnorm.run_id:}``: the name of the run folder, identical in every process of one run, so
   all ranks agree on ``hydra.run.dir``: ``$SYNCNORM_RUN_ID`` when set; under torchrun, the start
   time of the torchrun agent (the common parent of the node's ranks); under SLURM,
-  ``slurm-<job id>``; else the current time. Computed once per process.
+  ``slurm-<job id>``; else the current time. Computed once per process;
+* ``${syncnorm.cwd:}``: the directory the command was started in (the configs' ``paths.root_dir``).
+  Unlike ``${hydra:runtime.cwd}`` it also resolves where Hydra has not set its runtime yet: a
+  multirun's ``hydra.sweep.dir`` is resolved before any job runs. Lightning starts its extra DDP
+  processes in the same directory, and ``hydra.job.chdir`` stays false, so it is the same in every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-__all__ = ["register_resolvers", "launcher_devices", "launcher_num_nodes", "run_id"]
+__all__ = ["register_resolvers", "launcher_devices", "launcher_num_nodes", "run_id", "start_dir"]
 
 _STAMP = "%Y-%m-%d_%H-%M-%S"
 
@@ -75,9 +79,14 @@ def run_id() -> str:
     return time.strftime(_STAMP)
 
 
+def start_dir() -> str:
+    """The directory the command was started in (absolute)."""
+    return os.getcwd()
+
+
 def register_resolvers() -> None:
     """Register the ``syncnorm.*`` resolvers (safe to call more than once)."""
     for name, fn in (("syncnorm.devices", launcher_devices), ("syncnorm.num_nodes", launcher_num_nodes),
-                     ("syncnorm.run_id", run_id)):
+                     ("syncnorm.run_id", run_id), ("syncnorm.cwd", start_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

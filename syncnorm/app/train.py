@@ -2,10 +2,12 @@
 
 ``train(cfg)`` builds every object from the config's ``_target_`` entries (data module, LightningModule,
 the norm group's :class:`~syncnorm.callbacks.NormConversion`, callbacks, loggers, Trainer), fits,
-and returns the final metrics; :func:`main` only adds ``@hydra.main``. Configs live in the
-repository's top-level ``conf/`` folder (``train.yaml`` is the root; :func:`~syncnorm.app.config.config_dir`);
-``--config-dir <folder>`` adds a user's own group options. See ``launch/README.md`` for
-single-node, multi-node and SLURM launches.
+and returns the final metrics; :func:`main` adds Hydra's command line (``@hydra.main``) and short
+messages for input errors. Configs live in the repository's top-level ``conf/`` folder, installed
+with the wheel as ``syncnorm/app/conf/`` (``train.yaml`` is the root;
+:func:`~syncnorm.app.config.config_dir`); ``--config-dir <folder>`` adds a user's own group options.
+See ``docs/app.md`` (running, multirun, resume, outputs, errors) and ``launch/README.md``
+(single-node, multi-node and SLURM launches).
 
 Examples::
 
@@ -22,16 +24,20 @@ import logging
 from typing import Any, Optional
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from syncnorm import distributed
 
-from .config import config_dir, import_modules, validate_config
+from .config import ConfigError, config_dir, import_modules, validate_config
+from .loggers import KeepLogHistory
 from .resolvers import register_resolvers
-from .runtime import (exit_now, init_distributed_after_restart, instantiate_callbacks, instantiate_loggers,
-                      load_weights, report_outputs, resolved_container, to_float_dict)
+from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, finish_wandb,
+                      init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
+                      report_outputs, resolved_container, short_errors, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -77,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the norm conversion runs first in setup, so the other callbacks see the converted layers
     show_bar = cfg.trainer.get("enable_progress_bar", True) is not False
     callbacks = [instantiate(cfg.norm)] + instantiate_callbacks(cfg.get("callbacks"), progress_bar=show_bar)
+    callbacks.append(KeepLogHistory())  # a resumed run keeps the CSV rows before its checkpoint
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
@@ -88,18 +95,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     init_distributed_after_restart(str(cfg.trainer.get("accelerator", "cpu")))
     success = False
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        with ddp_children_run_this_job():  # a multirun job: Lightning's DDP children run this job only
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         metrics = to_float_dict(trainer.callback_metrics)
-        report_outputs(trainer, metrics)
+        report_outputs(trainer, metrics, run_dir=str(cfg.paths.output_dir))
         success = True
     finally:
+        finish_wandb(success)
         distributed.shutdown(success)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
-    """Console entry point (``syncnorm-train``); returns ``cfg.optimized_metric`` for sweepers.
+def _task(cfg: DictConfig) -> Optional[float]:
+    """The Hydra task: train, return ``cfg.optimized_metric`` for sweepers.
 
     A failed distributed run whose process group could not be closed (a peer became unreachable,
     see :func:`syncnorm.distributed.shutdown`) ends the process at once, with the traceback and exit
@@ -107,12 +115,28 @@ def main(cfg: DictConfig) -> Optional[float]:
     """
     try:
         metrics = train(cfg)
+    except ConfigError as err:  # raised before anything distributed started
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep's other jobs still run; Hydra names the failed job, short_errors prints it
+        exit_with_user_error(err)  # one message (rank 0), exit code 2
     except Exception:
         if distributed.is_distributed():
             exit_now(1)
         raise
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_task)
+
+
+def main() -> Optional[float]:
+    """Console entry point (``syncnorm-train``, ``python -m syncnorm.train``): Hydra's command line
+    (overrides, ``-m``, ``--config-dir``...) around :func:`train`. Errors in the user's input (a
+    config value, an unknown key or option, a checkpoint that does not fit) print one message (rank 0)
+    and exit with code 2 (:func:`~syncnorm.app.runtime.short_errors`)."""
+    with short_errors():
+        return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, TYPE_CHECKING
 
 from typing_extensions import override
@@ -15,6 +16,8 @@ from ..distributed import new_sync_groups
 
 if TYPE_CHECKING:  # annotations only: either namespace's classes
     import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
 
 
 class NormConversion(*CALLBACK_BASES):
@@ -100,6 +103,10 @@ class NormConversion(*CALLBACK_BASES):
             if "per_device_batch" not in options:
                 options["per_device_batch"] = _batch_size(trainer, pl_module)
         _, self.summary = convert_norms_with_summary(pl_module, self.kind, **options)
+        if trainer.world_size == 1 and self.kind in synchronizing_kinds() and trainer.is_global_zero:
+            log.warning("NormConversion(%r) in a run of one process: there is no other process to synchronize "
+                        "with, so it trains as the local layer (sync: exactly BatchNorm on this process's batch). "
+                        "Start several processes (e.g. trainer=ddp_cpu, or torchrun) to synchronize.", self.kind)
         if self.sync_timeout_s is not None:
             for module in pl_module.modules():
                 if hasattr(module, "sync_timeout_s"):
@@ -118,7 +125,8 @@ class NormConversion(*CALLBACK_BASES):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"engine": engine_state_dict(self._module) if self._module is not None else {}}
+        # the kind: for messages about the checkpoint (it does not change what is restored)
+        return {"kind": self.kind, "engine": engine_state_dict(self._module) if self._module is not None else {}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -46,6 +48,17 @@ def test_refuses_lightning_sync_batchnorm(tmp_path, ns):
     tr = trainer(tmp_path, devices=1, ns=ns, sync_batchnorm=True, callbacks=[NormConversion("sync")], max_steps=1)
     with pytest.raises(RuntimeError, match="cannot be combined with Trainer\\(sync_batchnorm=True\\)"):
         tr.fit(lit_net(ns))
+
+
+@pytest.mark.parametrize("kind, warns", [("sync", True), ("renorm", True), ("batch", False)])
+def test_synchronizing_kind_in_one_process_warns_that_it_trains_locally(tmp_path, caplog, kind, warns):
+    tr = trainer(tmp_path, devices=1, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="syncnorm"):
+        NormConversion(kind).setup(tr, lit_net(), "fit")
+    found = [r.getMessage() for r in caplog.records if "one process" in r.getMessage()]
+    assert len(found) == int(warns), caplog.text
+    if warns:
+        assert f"NormConversion('{kind}') in a run of one process" in found[0] and "trains as the local layer" in found[0]
 
 
 def test_unknown_kind_is_refused_at_construction():

@@ -67,6 +67,12 @@ def test_wandb_offline_run_writes_metrics(tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()
+    # finish() returns once wandb-core has acknowledged the run's end, but the core closes (and
+    # flushes) the run's .wandb file only when it handles the "finish" notice that follows, which
+    # finish() sends without waiting: read right away on a loaded machine, the file held only its
+    # 7-byte header (the data arrives a moment later; nothing is lost). teardown() waits for the
+    # core process to exit, after every file is closed.
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records; values as JSON text

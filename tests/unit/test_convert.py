@@ -113,6 +113,18 @@ def test_group_uses_largest_divisor_and_says_so(c, requested, expected, caplog):
     assert (f"using {expected} groups" in caplog.text) == (expected != requested)
 
 
+def test_group_divisor_note_is_logged_once_per_conversion_not_per_layer(caplog):
+    net = nn.Sequential(*[nn.BatchNorm2d(16) for _ in range(5)], nn.BatchNorm2d(48), nn.BatchNorm2d(64))
+    with caplog.at_level(logging.INFO, logger="syncnorm"):
+        convert_norms(net, "group", num_groups=32)
+    assert [m.num_groups for m in net] == [16] * 5 + [24, 32]
+    assert len(caplog.records) == 1  # the conversion's one summary line
+    text = caplog.records[0].getMessage()
+    assert text.count("C=16 is not divisible by num_groups=32; using 16 groups (the largest divisor) (x5 layers)") == 1
+    assert text.count("C=48 is not divisible by num_groups=32; using 24 groups") == 1 and "C=64" not in text
+    assert not any(hasattr(m, "_syncnorm_conversion_note") for m in net)  # the note does not stay on the layer
+
+
 def test_errors_name_valid_choices():
     with pytest.raises(ValueError, match=r"unknown norm kind 'foo'; expected one of \['batch', 'sync'"):
         convert_norms(_cnn(), "foo")
