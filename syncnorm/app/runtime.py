@@ -19,7 +19,7 @@ from syncnorm import distributed
 
 __all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
            "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
-           "short_errors", "exit_with_user_error", "finish_wandb"]
+           "short_errors", "task_started", "exit_with_user_error", "finish_wandb"]
 
 log = logging.getLogger(__name__)
 
@@ -362,20 +362,27 @@ def exit_with_user_error(err: Exception) -> NoReturn:
     raise SystemExit(2) from None
 
 
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_saved_full_error: list[Optional[str]] = []  # the user's HYDRA_FULL_ERROR while short_errors() is active
+
+
 @contextlib.contextmanager
 def short_errors() -> Iterator[None]:
-    """Around the whole command (Hydra's composition and the run): an error in the user's input is
-    printed as its message alone, by rank 0 only (every rank of a torchrun job fails the same way),
-    and the process exits with code 2; other errors keep their traceback.
+    """Around the whole command: an error in the user's input raised while Hydra composes the config
+    (an unknown key or option, a bad override) is printed as its message alone, by rank 0 only, and
+    the process exits with code 2 (:func:`exit_with_user_error`; the task does the same for a
+    :class:`ConfigError` of its own).
 
-    Hydra prints its own errors and exits; ``HYDRA_FULL_ERROR=1`` is set inside (and restored after)
-    so that they reach this handler. A user who sets ``HYDRA_FULL_ERROR=1`` gets every traceback.
+    Hydra prints its own errors and exits; ``HYDRA_FULL_ERROR=1`` is set until the task starts (which
+    calls :func:`task_started`) so that composition errors reach this handler. Errors inside the task
+    are left to Hydra as before (its shortened traceback, exit code 1). A user who sets
+    ``HYDRA_FULL_ERROR=1`` gets every traceback.
     """
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if os.environ.get(_FULL_ERROR) == "1":
         yield
         return
-    saved = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _saved_full_error.append(os.environ.get(_FULL_ERROR))
+    os.environ[_FULL_ERROR] = "1"
     try:
         yield
     except Exception as err:  # noqa: BLE001 - sorted below: user errors end here, the rest is re-raised
@@ -383,7 +390,15 @@ def short_errors() -> Iterator[None]:
             raise
         exit_with_user_error(err)
     finally:
+        task_started()
+
+
+def task_started() -> None:
+    """Give ``HYDRA_FULL_ERROR`` back its value from before :func:`short_errors` (if it changed it):
+    from here on, Hydra reports the task's errors its own way."""
+    if _saved_full_error:
+        saved = _saved_full_error.pop()
         if saved is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+            os.environ.pop(_FULL_ERROR, None)
         else:
-            os.environ["HYDRA_FULL_ERROR"] = saved
+            os.environ[_FULL_ERROR] = saved

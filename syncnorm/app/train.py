@@ -24,8 +24,6 @@ import logging
 from typing import Any, Optional
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -37,7 +35,7 @@ from .loggers import KeepLogHistory
 from .resolvers import register_resolvers
 from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, finish_wandb,
                       init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
-                      report_outputs, resolved_container, short_errors, to_float_dict)
+                      report_outputs, resolved_container, short_errors, task_started, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
 
@@ -113,12 +111,11 @@ def _task(cfg: DictConfig) -> Optional[float]:
     see :func:`syncnorm.distributed.shutdown`) ends the process at once, with the traceback and exit
     code 1, instead of waiting for gloo's own timeout at interpreter exit (torchrun can restart it).
     """
+    task_started()  # the config is composed: Hydra reports the task's own failures as usual
     try:
         metrics = train(cfg)
     except ConfigError as err:  # raised before anything distributed started
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep's other jobs still run; Hydra names the failed job, short_errors prints it
-        exit_with_user_error(err)  # one message (rank 0), exit code 2
+        exit_with_user_error(err)  # one message (rank 0), exit code 2 (in a multirun: ends the sweep)
     except Exception:
         if distributed.is_distributed():
             exit_now(1)
