@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from .. import engine
+from .. import engine, rules
 from ._base import BatchNormBase
 
 
@@ -60,12 +60,8 @@ class BatchRenorm(BatchNormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.01,
                  affine: bool = True, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0,
                  process_group: Optional[Any] = None, device=None, dtype=None, *, bias: bool = True) -> None:
-        if r_max < 1.0:
-            raise ValueError(f"BatchRenorm: expected r_max >= 1, got {r_max!r}")
-        if d_max < 0.0:
-            raise ValueError(f"BatchRenorm: expected d_max >= 0, got {d_max!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"BatchRenorm: expected warmup_steps >= 0, got {warmup_steps!r}")
+        for rule, value in ((rules.R_MAX, r_max), (rules.D_MAX, d_max), (rules.WARMUP_STEPS, warmup_steps)):
+            rule.check(value, "BatchRenorm")
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype, bias=bias)
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
         self.process_group = process_group

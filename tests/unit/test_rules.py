@@ -86,3 +86,16 @@ def test_convert_norms_accepts_every_registered_kind(kind, cls):
     assert net(torch.randn(4, 3, 5, 5)).shape == (4, 4, 3, 3)
     syncnorm.revert_norms(net)
     assert type(net[1]) is nn.BatchNorm2d and net[1].weight is weight
+
+
+@pytest.mark.parametrize("option,value,expected", [("r_max", 0.5, "a number >= 1"), ("d_max", -1.0, "a number >= 0"),
+                                                   ("warmup_steps", 1.5, "an int >= 0")])
+def test_batch_renorm_options_use_the_rules_text(option, value, expected):
+    """The layer, the conversion and the factory give the one rule's text for Batch Renorm's options."""
+    texts = []
+    for make in (lambda: syncnorm.BatchRenorm(4, **{option: value}),
+                 lambda: syncnorm.convert_norms(torch.nn.BatchNorm2d(4), "renorm", **{option: value})):
+        with pytest.raises(ValueError) as err:
+            make()
+        texts.append(str(err.value))
+    assert all(f"expected {option} to be {expected}, got {value!r}" in t for t in texts), texts
