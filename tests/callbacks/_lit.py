@@ -95,7 +95,7 @@ def lit_net(ns: str = "pytorch_lightning", **kw) -> pl.LightningModule:
 
 
 def trainer(tmp_path, devices: int = 2, ns: str = "pytorch_lightning", **kw) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+    defaults = dict(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                     max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
                     limit_val_batches=0, use_distributed_sampler=False)
