@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence, Type, Union
 
@@ -44,7 +46,7 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _ResidualBlock(nn.Module):
+class _ResidualBlock(nn.Module, ABC):
     """``relu(residual(x) + shortcut(x))``: the frame of both ResNet blocks.
 
     Args:
@@ -70,15 +72,17 @@ class _ResidualBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    @abstractmethod
     def _build(self, inplanes: int, planes: int, stride: int, norm_layer: NormMaker) -> None:
-        raise NotImplementedError
+        """Create the block's layers (torchvision's names, in its order)."""
 
+    @abstractmethod
     def _residual(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The residual branch."""
 
+    @abstractmethod
     def last_norm(self) -> nn.Module:
         """The norm layer just before the residual sum (zero-initialised on request)."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
