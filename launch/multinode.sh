@@ -16,7 +16,10 @@
 #   - GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME: that interface, unless already set;
 #   - nodes other than 0 first wait up to RDZV_TIMEOUT seconds for the store to accept connections
 #     and otherwise fail, naming the address, the port and the variables to check;
-#   - LOGLEVEL=INFO (unless set): torchrun logs the rendezvous result (master_addr, ranks) and restarts.
+#   - LOGLEVEL=INFO (unless set): torchrun logs the rendezvous result (master_addr, ranks) and restarts;
+#   - SYNCNORM_RDZV_ENDPOINT=MASTER_ADDR:MASTER_PORT for the workers: each worker group (a restart, or
+#     a node that rejoins) creates its process group on store keys of its own rendezvous round, also
+#     when the nodes' torchrun restart counts differ (syncnorm.distributed.worker_generation).
 #
 # Environment:
 #   NNODES          number of nodes (required)
@@ -35,6 +38,10 @@
 #   MAX_RESTARTS    torchrun --max-restarts: worker-group restarts after a failure (default 0); with
 #                   ckpt_path=last the job resumes from the run folder's last checkpoint
 #   RDZV_ID         rendezvous id shared by the nodes (default: syncnorm-$MASTER_PORT)
+#   RDZV_CONF       more torchrun --rdzv-conf entries, comma-separated, e.g. keep_alive_max_attempt=12:
+#                   a node whose heartbeats (every keep_alive_interval=5 s) stop for
+#                   keep_alive_interval x keep_alive_max_attempt (default 3: 15 s) is dropped from the
+#                   rendezvous; raise it to ride out longer link flaps
 #   SYNCNORM_RUN_ID run folder name, set the same on every node for one shared folder (default: time)
 #   PYTHON          Python interpreter (default: python)
 # Arguments are Hydra overrides for `python -m syncnorm.train` (trainer=multinode is prepended: the
@@ -87,10 +94,11 @@ a network every node shares) and MASTER_PORT (open in node 0's firewall); wait l
 fi
 
 is_host=$(( NODE_RANK == 0 ? 1 : 0 ))
+export SYNCNORM_RDZV_ENDPOINT="$MASTER_ADDR:$MASTER_PORT"
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK"
      --nproc-per-node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS"
      --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID"
-     --rdzv-conf="is_host=$is_host,join_timeout=$RDZV_TIMEOUT" --local-addr="$NODE_ADDR"
+     --rdzv-conf="is_host=$is_host,join_timeout=$RDZV_TIMEOUT${RDZV_CONF:+,$RDZV_CONF}" --local-addr="$NODE_ADDR"
      -m syncnorm.train trainer=multinode "$@")
 echo "+ SYNCNORM_RUN_ID=$SYNCNORM_RUN_ID ${cmd[*]}"
 exec "${cmd[@]}"

@@ -20,7 +20,11 @@ process group's own timeout.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import io
+import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -289,10 +293,9 @@ def all_reduce_differentiable(t: Tensor, spec: SyncSpec) -> Tensor:
 # no "is distributed" test of their own. Tensors travel on the device the backend reduces on: the
 # current CUDA device for NCCL, the CPU otherwise; results come back on the input's device.
 
-import os  # noqa: E402  (this section's own import: the module's head belongs to the engine)
-
 __all__ += ["is_distributed", "world_size", "rank", "sum_over_ranks", "min_over_ranks", "gather_rows",
-            "gather_lists", "init_from_launcher", "init_on_fresh_store", "shutdown"]
+            "gather_lists", "init_from_launcher", "RDZV_ENDPOINT_VAR", "rendezvous_round", "worker_generation",
+            "init_on_fresh_store", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -362,15 +365,93 @@ def init_from_launcher(backend: str = "gloo") -> bool:
     return True
 
 
-def init_on_fresh_store(prefix: str, backend: str) -> None:
+RDZV_ENDPOINT_VAR = "SYNCNORM_RDZV_ENDPOINT"
+"""Environment variable with torchrun's c10d rendezvous endpoint (``host:port``, what
+``--rdzv-endpoint`` was given); ``launch/multinode.sh`` sets it. With it, every worker group of a
+job gets its own store prefix even when the agents' restart counts differ (:func:`worker_generation`)."""
+
+_STATE_CLASSES = {("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_RendezvousState"),
+                  ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "_NodeDesc"),
+                  ("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta"),
+                  ("builtins", "set"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "list")}
+
+
+class _StateUnpickler(pickle.Unpickler):
+    """Unpickles torchrun's rendezvous state and nothing else (no arbitrary classes from the store)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _STATE_CLASSES:
+            raise pickle.UnpicklingError(f"unexpected {module}.{name} in the rendezvous state")
+        return super().find_class(module, name)
+
+
+def rendezvous_round(endpoint: str, run_id: str, timeout_s: float = 60.0) -> int:
+    """The current round of torchrun's c10d rendezvous ``run_id`` whose store listens at ``endpoint``
+    (``host:port``). Every agent's worker group of one generation was started in the same round, and
+    each new generation (after a failure or a membership change) is a later round.
+
+    Raises:
+        RuntimeError: the store holds no such rendezvous, or its state could not be read (torch
+            changed its format), naming the endpoint, the run id and what was found.
+    """
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected {RDZV_ENDPOINT_VAR} as host:port, got {endpoint!r}")
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    key = "torch.rendezvous." + run_id
+    try:
+        if not store.check([key]):
+            raise RuntimeError(f"no rendezvous {run_id!r} in the store at {endpoint} ({RDZV_ENDPOINT_VAR}); "
+                               "expected torchrun's --rdzv-backend=c10d endpoint and TORCHELASTIC_RUN_ID of this job")
+        raw = store.get(key)
+    finally:
+        del store
+    try:
+        state = _StateUnpickler(io.BytesIO(base64.b64decode(raw))).load()
+        round_ = state.round
+    except Exception as err:  # noqa: BLE001 - any format change ends here, with what was found
+        raise RuntimeError(f"cannot read the round of rendezvous {run_id!r} at {endpoint} with torch "
+                           f"{torch.__version__}: {type(err).__name__}: {err}; unset {RDZV_ENDPOINT_VAR} to use "
+                           "torchrun's restart count instead") from err
+    if not isinstance(round_, int):
+        raise RuntimeError(f"rendezvous {run_id!r} at {endpoint}: expected an int round, got {round_!r}")
+    return round_
+
+
+def worker_generation() -> Optional[str]:
+    """A name for this torchrun worker group that all its workers share and no other group of the job
+    has, or ``None`` where the default initialization is right (outside torchrun, or torchrun's first
+    attempt without :data:`RDZV_ENDPOINT_VAR`).
+
+    With :data:`RDZV_ENDPOINT_VAR`: ``round_<r>``, the rendezvous round (:func:`rendezvous_round`).
+    Without it: ``attempt_<n>`` from ``TORCHELASTIC_RESTART_COUNT`` when ``n > 0``. The restart count
+    alone is not enough across hosts: an agent whose workers failed restarts with ``n + 1``, while an
+    agent whose workers were still running restarts them for the waiting node and keeps ``n``
+    (torchrun does not count membership changes), so the two groups would look for each other under
+    different keys.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or "MASTER_ADDR" not in os.environ:
+        return None
+    endpoint = os.environ.get(RDZV_ENDPOINT_VAR)
+    if endpoint:
+        return f"round_{rendezvous_round(endpoint, run_id)}"
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return f"attempt_{attempt}" if attempt > 0 else None
+
+
+def init_on_fresh_store(prefix: str, backend: str, timeout: Optional[datetime.timedelta] = None) -> None:
     """Create the default group from torchrun's environment (``MASTER_ADDR``/``PORT``, ``RANK``,
     ``WORLD_SIZE``) on the rendezvous store's keys under ``prefix``, so a restarted worker group does not
-    read the previous attempt's keys (see ``syncnorm.app.runtime.init_distributed_after_restart``)."""
+    read the previous group's keys (see :func:`worker_generation`). ``timeout`` (torch's default when
+    ``None``) bounds the store connection and every collective of the group."""
     rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    extra = {} if timeout is None else {"timeout": timeout}
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(rank_ == 0 and not agent_store), multi_tenant=not agent_store)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank_, world_size=world)
+                          is_master=(rank_ == 0 and not agent_store), multi_tenant=not agent_store, **extra)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank_, world_size=world, **extra)
 
 
 def shutdown(success: bool = True, timeout_s: float = 10.0) -> bool:

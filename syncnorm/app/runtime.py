@@ -17,7 +17,7 @@ from torch import nn
 
 from syncnorm import distributed
 
-__all__ = ["init_distributed_after_restart", "instantiate_callbacks", "instantiate_loggers", "load_weights",
+__all__ = ["init_distributed_for_worker_group", "instantiate_callbacks", "instantiate_loggers", "load_weights",
            "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
            "short_errors", "task_started", "exit_with_user_error", "finish_wandb"]
 
@@ -201,21 +201,32 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def init_distributed_after_restart(accelerator: str) -> bool:
-    """Initialize the process group ourselves when torchrun has restarted the workers.
+def init_distributed_for_worker_group(trainer_cfg: Any) -> bool:
+    """Initialize the process group ourselves under torchrun, on store keys of this worker group only.
 
-    After ``torchrun --max-restarts`` restarts a worker group, the rendezvous store still holds the
-    previous attempt's gloo addresses and the new workers' full-mesh connect reads them (connection
-    refused; seen with torch 2.13). Here the group is created on a store prefixed with the restart
-    count, so every attempt has its own keys; Lightning then finds the group initialized and uses it.
-    Does nothing on the first attempt or outside torchrun. Returns whether it initialized the group.
+    torchrun's agents share one store with their workers for the whole job, and torch (2.13) does not
+    prefix the keys per worker group: after ``--max-restarts`` restarts a group, the new workers'
+    gloo full-mesh connect read the previous group's addresses (connection refused). Here the group is
+    created under ``/syncnorm/<generation>`` (:func:`syncnorm.distributed.worker_generation`: the
+    rendezvous round where the launcher gives its endpoint, else the restart count), with the
+    strategy's ``timeout`` (``trainer_cfg.strategy.timeout``) when the config sets one; Lightning then
+    finds the group initialized and uses it. Does nothing outside torchrun, or on torchrun's first
+    attempt without the endpoint. Returns whether it initialized the group.
     """
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or "MASTER_ADDR" not in os.environ or distributed.is_distributed():
+    if distributed.is_distributed():
         return False
-    backend = "nccl" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "gloo"
-    distributed.init_on_fresh_store(f"/syncnorm/attempt_{attempt}", backend)
-    log.info("torchrun restart %d: process group re-created on a fresh store prefix", attempt)
+    generation = distributed.worker_generation()
+    if generation is None:
+        return False
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    backend = "nccl" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "gloo"
+    strategy = trainer_cfg.get("strategy")
+    timeout = instantiate(strategy.timeout) if isinstance(strategy, DictConfig) and strategy.get("timeout") else None
+    distributed.init_on_fresh_store(f"/syncnorm/{generation}", backend, timeout)
+    log.info("torchrun worker group %s (restart count %s): rank %s of %s, %s process group on the store at %s:%s, "
+             "prefix /syncnorm/%s", generation, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+             os.environ["RANK"], os.environ["WORLD_SIZE"], backend, os.environ["MASTER_ADDR"],
+             os.environ["MASTER_PORT"], generation)
     return True
 
 

@@ -34,7 +34,7 @@ from .config import ConfigError, config_dir, import_modules, validate_config
 from .loggers import KeepLogHistory
 from .resolvers import register_resolvers
 from .runtime import (ddp_children_run_this_job, exit_now, exit_with_user_error, finish_wandb,
-                      init_distributed_after_restart, instantiate_callbacks, instantiate_loggers, load_weights,
+                      init_distributed_for_worker_group, instantiate_callbacks, instantiate_loggers, load_weights,
                       report_outputs, resolved_container, short_errors, task_started, to_float_dict)
 
 __all__ = ["CONF_DIR", "train", "main"]
@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = cfg.get("ckpt_path")
     if resume and resume == finetune.get("checkpoint"):
         resume = None  # fine-tuning: weights only, fresh optimizer and counters
-    init_distributed_after_restart(str(cfg.trainer.get("accelerator", "cpu")))
+    init_distributed_for_worker_group(cfg.trainer)
     success = False
     try:
         with ddp_children_run_this_job():  # a multirun job: Lightning's DDP children run this job only

@@ -4,18 +4,24 @@
 
 * :class:`SaveRankState`: every rank writes its final ``state_dict`` (weights and its own running
   statistics) to ``<folder>/rank<global rank>.pt``; the checkpoint holds only rank 0's.
-* :class:`PauseInLayer`: places a network fault at a known point of a step: in the first attempt
-  (``TORCHELASTIC_RESTART_COUNT`` 0) and only in processes whose environment has ``env_flag``, at
-  global step ``step`` the forward of ``layer`` first writes ``signal_file`` and then sleeps
-  ``pause_s`` before the layer runs (and exchanges its statistics). The peers are then already
-  waiting inside that layer's exchange, so a link cut during the pause is met there.
+* :class:`PauseInLayer`: places a network fault at a known point of a step: once per job (not after
+  ``signal_file`` exists: a restarted worker group does not pause again, whatever its torchrun restart
+  count) and only in processes whose environment has ``env_flag``, at global step ``step`` the
+  forward of ``layer`` first writes ``signal_file`` and then sleeps ``pause_s`` before the layer runs
+  (and exchanges its statistics). The peers are then already waiting inside that layer's exchange, so
+  a link cut during the pause is met there. With ``linger_until`` (a file path), the paused process
+  does not end after the run fails: it waits until that file exists and then up to ``linger_s``
+  more seconds (SIGTERM ends it at once), so its torchrun agent still sees a running worker group when
+  the link comes back.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -42,12 +48,15 @@ class PauseInLayer(pl.Callback):
     then wait in DDP's gradient all_reduce, outside any synchronized layer."""
 
     def __init__(self, layer: str, step: int, signal_file: str, pause_s: float, env_flag: str,
-                 in_gradient: bool = False) -> None:
+                 in_gradient: bool = False, linger_until: Optional[str] = None, linger_s: float = 0.0) -> None:
         self.layer, self.step, self.pause_s = layer, int(step), float(pause_s)
         self.signal_file, self.env_flag, self.in_gradient = Path(signal_file), env_flag, bool(in_gradient)
+        self.linger_until, self.linger_s = (Path(linger_until) if linger_until else None), float(linger_s)
+        self.active = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or not os.environ.get(self.env_flag):
+        self.active = bool(os.environ.get(self.env_flag)) and not self.signal_file.exists()
+        if not self.active:
             return
         layer = pl_module.get_submodule(self.layer)
         fired = []
@@ -62,6 +71,17 @@ class PauseInLayer(pl.Callback):
             layer.weight.register_hook(pause)
         else:
             layer.register_forward_pre_hook(pause)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not (self.active and self.linger_until):
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the agent's stop ends this process at once
+        print(f"rank {trainer.global_rank} lingers until {self.linger_until} after "
+              f"{type(exception).__name__}: {exception}", flush=True)
+        deadline = time.monotonic() + 300  # bounded even if the test never writes the file
+        while not self.linger_until.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(self.linger_s)
 
 
 class RowGroupBatchNorm(torch.nn.Module):
