@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import syncnorm
-from tests.distributed.test_sync_faults import _data, _small_cnn, _train
+from tests.distributed.test_sync_faults import _data, _small_cnn
 from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -7,10 +7,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import syncnorm
-from syncnorm import SyncError
 from tests.helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
