@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ from torch import nn
 
 from syncnorm import distributed
 
-__all__ = ["init_distributed_for_worker_group", "instantiate_callbacks", "instantiate_loggers", "load_weights",
+__all__ = ["ddp_strategy", "init_distributed_for_worker_group", "instantiate_callbacks", "instantiate_loggers", "load_weights",
            "report_outputs", "resolved_container", "to_float_dict", "exit_now", "ddp_children_run_this_job",
            "short_errors", "task_started", "exit_with_user_error", "finish_wandb"]
 
@@ -199,6 +200,23 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def ddp_strategy(sync_group_size: Optional[int] = None) -> pl.strategies.DDPStrategy:
+    """The DDP trainers' strategy (``conf/trainer/ddp_cpu.yaml``, ``ddp_gpu.yaml``): Lightning's ``"ddp"``
+    (DDP's defaults) when the norm layers synchronize over all ranks or not at all; with
+    ``norm.sync_group_size`` set, DDP without its per-forward copy of rank 0's buffers
+    (``broadcast_buffers=False``), which would overwrite the other groups' running statistics
+    (:class:`syncnorm.callbacks.NormConversion` refuses that combination)."""
+    if sync_group_size is None:
+        return pl.strategies.DDPStrategy()
+    return pl.strategies.DDPStrategy(**{DDP_BUFFER_SYNC_ARG: False})
+
+
+DDP_BUFFER_SYNC_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
+"""DistributedDataParallel's argument for the per-forward copy of rank 0's buffers: ``forward_sync_buffers``
+from torch 2.13 on (where ``broadcast_buffers`` warns that it is deprecated), ``broadcast_buffers`` before."""
 
 
 def init_distributed_for_worker_group(trainer_cfg: Any) -> bool:

@@ -51,8 +51,10 @@ class NormConversion(*CALLBACK_BASES):
 
     Raises:
         ValueError: unknown kind, unknown or invalid option (in ``__init__``); a ``sync_group_size``
-            that does not divide the world size, ``auto`` without a discoverable batch size (in
-            ``setup``).
+            that does not divide the world size, or groups smaller than the world under a DDP strategy
+            that broadcasts rank 0's buffers at each forward (they would overwrite the other groups'
+            running statistics: use ``DDPStrategy(broadcast_buffers=False)``), ``auto`` without a
+            discoverable batch size (in ``setup``).
         RuntimeError: combined with ``Trainer(sync_batchnorm=True)``.
 
     Works with ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer`` alike (the class
@@ -97,6 +99,12 @@ class NormConversion(*CALLBACK_BASES):
         options = dict(self.options)
         if self.sync_group_size is not None and trainer.world_size > 1:
             k = rules.check_sync_group_size(self.sync_group_size, trainer.world_size, "NormConversion")
+            if k < trainer.world_size and _ddp_syncs_buffers_in_forward(trainer):
+                raise ValueError(
+                    f"NormConversion(sync_group_size={k}): each group of {k} ranks keeps its own running "
+                    "statistics, but the strategy's DistributedDataParallel copies rank 0's buffers to every rank "
+                    "at each forward (broadcast_buffers=True, DDP's default) and would overwrite them. HINT: "
+                    "strategy=DDPStrategy(broadcast_buffers=False)")
             options["process_group"] = new_sync_groups(k)
         if self.kind == "auto":
             options.setdefault("world_size", trainer.world_size)
@@ -141,6 +149,19 @@ def _uses_torch_sync_batchnorm(trainer: pl.Trainer) -> bool:
     candidates = (getattr(trainer.strategy, "_layer_sync", None),
                   getattr(getattr(trainer, "_accelerator_connector", None), "_layer_sync", None))
     return any(isinstance(c, TORCH_SYNC_BATCHNORM) for c in candidates)
+
+
+def _ddp_syncs_buffers_in_forward(trainer: pl.Trainer) -> bool:
+    """Whether the strategy wraps the model in a DistributedDataParallel that broadcasts rank 0's
+    buffers at each forward (Lightning's DDP strategies keep the DDP arguments in ``_ddp_kwargs``;
+    torch >= 2.13 names the setting ``forward_sync_buffers``, ``broadcast_buffers`` before)."""
+    kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return False
+    for key in ("forward_sync_buffers", "broadcast_buffers"):
+        if kwargs.get(key) is not None:
+            return bool(kwargs[key])
+    return True
 
 
 def _batch_size(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:

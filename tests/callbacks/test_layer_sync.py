@@ -10,6 +10,7 @@ from torch import nn
 from syncnorm.callbacks import NormConversion
 from syncnorm.lightning import SyncNormLayerSync
 from tests.callbacks._lit import NAMESPACES, Record, dataset, lit_net, load_records, make_net, trainer
+from tests.helpers.probes import RowGroupBatchNorm
 
 pytestmark = pytest.mark.distributed
 
@@ -55,13 +56,51 @@ def test_plugin_under_ddp_equals_single_process_and_reverts(tmp_path, ns):
                          "head.1": "BatchNorm1d"}, after
 
 
-def test_sync_group_size_option_of_norm_conversion(tmp_path):
-    # k = 1 on 2 ranks: each rank normalizes with its own statistics (a group of one rank); under
-    # lightning.pytorch's Trainer (NormConversion's DDP exactness test runs under pytorch_lightning's)
-    model = lit_net("lightning.pytorch", lr=0.1, batch_size=4, n=16)
-    tr = trainer(tmp_path, ns="lightning.pytorch", max_steps=2, callbacks=[NormConversion("sync", sync_group_size=1), Record(str(tmp_path))])
+def test_sync_group_size_keeps_each_groups_running_statistics(tmp_path):
+    """k = 1 on 2 ranks: each rank is a group of its own. Equal to one process in which rank r's rows
+    (``p % 2 == r`` under the module's sampler) are normalized with their own statistics and update
+    running statistics of their own (:class:`tests.helpers.probes.RowGroupBatchNorm`): weights and
+    every rank's running statistics. Under lightning.pytorch's Trainer (NormConversion's DDP
+    exactness test runs under pytorch_lightning's)."""
+    ns, steps, per_rank = "lightning.pytorch", 4, 4
+    strategy = NAMESPACES[ns][0].strategies.DDPStrategy(broadcast_buffers=False, start_method="fork")
+    model = lit_net(ns, lr=0.1, batch_size=per_rank, n=steps * per_rank * 2)
+    tr = trainer(tmp_path, ns=ns, max_steps=steps, strategy=strategy,
+                 callbacks=[NormConversion("sync", sync_group_size=1), Record(str(tmp_path))])
     tr.fit(model)
-    for rec in load_records(tmp_path):
-        assert set(rec["kinds"].values()) == {"SyncBatchNorm"}
+
+    ref = make_net(0)
+    for module in list(ref.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, RowGroupBatchNorm(child, world=2, group_size=1))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    data = dataset(steps * per_rank * 2)
+    for step in range(steps):
+        x, y = data.tensors[0][step * 8:(step + 1) * 8], data.tensors[1][step * 8:(step + 1) * 8]
+        loss = nn.functional.cross_entropy(ref(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    want = ref.state_dict()
+    records = load_records(tmp_path)
+    for rank, rec in enumerate(records):
+        assert set(rec["kinds"].values()) == {"SyncBatchNorm"}, rec["kinds"]
+        got = {k.replace("backbone.", "0.").replace("head.", "1."): v for k, v in rec["state"].items()}
+        for k, v in got.items():
+            stat = k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            torch.testing.assert_close(v, want[f"{k}_g{rank}" if stat else k], rtol=0, atol=1e-5,
+                                       msg=lambda m: f"rank {rank} {k}: {m}")
+    key = "backbone.0.running_mean"  # the groups did see different data
+    assert (records[0]["state"][key] - records[1]["state"][key]).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"sync_group_size applies to kinds \['sync', 'renorm'"):
         NormConversion("group", sync_group_size=2)
+
+
+def test_sync_groups_under_ddp_that_broadcasts_buffers_are_refused(tmp_path):
+    """DDP's default (``broadcast_buffers=True``) copies rank 0's buffers to every rank at each forward:
+    the other groups' running statistics would silently be rank 0's. Refused in setup, on every rank."""
+    tr = trainer(tmp_path, max_steps=1, callbacks=[NormConversion("sync", sync_group_size=1)])
+    with pytest.raises(Exception, match=r"sync_group_size=1\): each group of 1 ranks keeps its own running "
+                                        r"statistics.*broadcast_buffers=True.*HINT: strategy=DDPStrategy"):
+        tr.fit(lit_net(batch_size=4, n=16))

@@ -15,7 +15,7 @@ from torch import nn
 from syncnorm import BatchRenorm, FrozenBatchNorm, GhostBatchNorm, SyncBatchNorm, convert_norms
 from syncnorm.app.train import CONF_DIR, _net_from_data
 from syncnorm.app.config import ConfigError, validate_config
-from syncnorm.app.runtime import instantiate_callbacks, instantiate_loggers
+from syncnorm.app.runtime import DDP_BUFFER_SYNC_ARG, instantiate_callbacks, instantiate_loggers
 from syncnorm.app.resolvers import launcher_devices, launcher_num_nodes
 
 from ._helpers import compose_cfg, run_cli
@@ -94,6 +94,14 @@ def test_trainer_options(tmp_path, monkeypatch):
     assert not cpu._accelerator_connector.use_distributed_sampler
     ddp = instantiate(compose_cfg(tmp_path, ["trainer=ddp_cpu"]).trainer, logger=False)
     assert type(ddp.strategy).__name__ == "DDPStrategy" and ddp.num_devices == 2 and ddp.num_nodes == 1
+    assert ddp.strategy._ddp_kwargs == {}  # DDP's defaults
+    # synchronization groups keep their own running statistics: no per-forward copy of rank 0's buffers
+    grouped = instantiate(compose_cfg(tmp_path, ["trainer=ddp_cpu", "norm.sync_group_size=1"]).trainer, logger=False)
+    assert type(grouped.strategy).__name__ == "DDPStrategy" and grouped.strategy._ddp_kwargs == {DDP_BUFFER_SYNC_ARG: False}
+    for overrides, kwargs in ((["norm=renorm", "norm.sync_group_size=2"], {DDP_BUFFER_SYNC_ARG: False}),
+                              (["norm=batch"], {})):
+        strategy = instantiate(compose_cfg(tmp_path, ["trainer=ddp_gpu", *overrides]).trainer.strategy)
+        assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs == kwargs, overrides
     multi = instantiate(compose_cfg(tmp_path, ["trainer=multinode"]).trainer, logger=False)
     assert multi.num_devices == 1 and multi.num_nodes == 1
     assert type(multi.strategy).__name__ == "DDPStrategy" and multi.strategy._ddp_kwargs == {"broadcast_buffers": False}

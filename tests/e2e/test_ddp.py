@@ -40,7 +40,7 @@ def test_torchrun_main_job_writes_checkpoint_and_norm_metrics(ddp_run):
     assert len(step_losses(ddp_run.dir / "csv" / "metrics.csv")) == STEPS
     assert 0.0 <= last_value(ddp_run.dir / "csv" / "metrics.csv", "val/acc") <= 1.0
     hydra_cfg = yaml.safe_load((ddp_run.dir / ".hydra" / "config.yaml").read_text())
-    assert hydra_cfg["norm"]["kind"] == "sync" and hydra_cfg["trainer"]["strategy"] == "ddp"
+    assert hydra_cfg["norm"]["kind"] == "sync" and hydra_cfg["trainer"]["accelerator"] == "cpu"
 
 
 def test_two_ranks_sync_equal_one_process_with_the_double_batch(ddp_run, tmp_path):
