@@ -15,6 +15,20 @@ from tests.helpers.probes import RowGroupBatchNorm
 pytestmark = pytest.mark.distributed
 
 
+def train_reference(ref: nn.Module, steps: int, per_rank: int, world: int = 2) -> nn.Module:
+    """``ref`` trained in one process on the ranks' combined batches (the modules' sampler gives rank r
+    rows r, r + W, ...: step t's union is rows t*W*B .. (t+1)*W*B - 1), SGD lr 0.1 as ``lit_net``."""
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    data, batch = dataset(steps * per_rank * world), per_rank * world
+    for step in range(steps):
+        x, y = data.tensors[0][step * batch:(step + 1) * batch], data.tensors[1][step * batch:(step + 1) * batch]
+        loss = nn.functional.cross_entropy(ref(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ref
+
+
 class RecordTeardown(pl.Callback):
     """Writes the norm classes after the strategy's teardown (which calls LayerSync.revert)."""
 
@@ -37,15 +51,7 @@ def test_plugin_under_ddp_equals_single_process_and_reverts(tmp_path, ns):
     tr = trainer(tmp_path, ns=ns, max_steps=steps, plugins=[SyncNormLayerSync("sync")],
                  callbacks=[Record(str(tmp_path)), RecordTeardown(str(tmp_path))])
     tr.fit(model)
-    ref = make_net(0)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    data = dataset(steps * per_rank * 2)
-    for step in range(steps):
-        x, y = data.tensors[0][step * 8:(step + 1) * 8], data.tensors[1][step * 8:(step + 1) * 8]
-        loss = nn.functional.cross_entropy(ref(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ref = train_reference(make_net(0), steps, per_rank)
     for rank, rec in enumerate(load_records(tmp_path)):
         assert set(rec["kinds"].values()) == {"SyncBatchNorm"}, rec["kinds"]
         got = {k.replace("backbone.", "0.").replace("head.", "1."): v for k, v in rec["state"].items()}
@@ -74,14 +80,7 @@ def test_sync_group_size_keeps_each_groups_running_statistics(tmp_path):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(module, name, RowGroupBatchNorm(child, world=2, group_size=1))
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    data = dataset(steps * per_rank * 2)
-    for step in range(steps):
-        x, y = data.tensors[0][step * 8:(step + 1) * 8], data.tensors[1][step * 8:(step + 1) * 8]
-        loss = nn.functional.cross_entropy(ref(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_reference(ref, steps, per_rank)
     want = ref.state_dict()
     records = load_records(tmp_path)
     for rank, rec in enumerate(records):

@@ -23,7 +23,7 @@ def test_study_quick_writes_table_plot_and_matching_sync_curve(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"BN local (2x2)", "SyncBN (2x2)", "BN batch 4 (1 proc)"}
+    assert set(results["methods"]) == {"SyncBN (2x2)", "BN batch 4 (1 proc)"}
     for m in results["methods"].values():
         assert {"acc_mean", "acc_std", "wall_s_mean", "runs", "procs"} <= set(m)
         assert 0.0 <= m["acc_mean"] <= 1.0 and m["wall_s_mean"] > 0

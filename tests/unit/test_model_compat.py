@@ -22,6 +22,7 @@ from syncnorm import (BatchInstanceNorm, BatchRenorm, FrozenBatchNorm, GhostBatc
                       convert_norms, revert_norms)
 from syncnorm.convert import TAIL
 from syncnorm.factory import is_frozen_look_alike
+from tests.helpers.models import randomize_norms
 
 KINDS = ["batch", "sync", "ghost", "renorm", "frozen", "group", "batch_instance", "switchable"]
 OPTIONS = {"ghost": {"virtual_batch_size": 2}, "group": {"num_groups": 2}}
@@ -74,16 +75,7 @@ TorchvisionFrozenBN.__name__ = TorchvisionFrozenBN.__qualname__ = "FrozenBatchNo
 
 
 def _randomize(model: nn.Module) -> nn.Module:
-    """Non-trivial running statistics and affine parameters (buffers too, for frozen layers)."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            for name, lo, hi in (("running_mean", -1, 1), ("running_var", 0.5, 2.0), ("weight", 0.5, 1.5),
-                                 ("bias", -1, 1)):
-                t = getattr(m, name, None)
-                if isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point():
-                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-    return model.eval()
+    return randomize_norms(model, seed=3)
 
 
 def _act_net(act_layer=nn.SiLU, drop_rate=0.2) -> nn.Sequential:
