@@ -202,15 +202,21 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def ddp_strategy(sync_group_size: Optional[int] = None) -> pl.strategies.DDPStrategy:
-    """The DDP trainers' strategy (``conf/trainer/ddp_cpu.yaml``, ``ddp_gpu.yaml``): Lightning's ``"ddp"``
-    (DDP's defaults) when the norm layers synchronize over all ranks or not at all; with
-    ``norm.sync_group_size`` set, DDP without its per-forward copy of rank 0's buffers
-    (``broadcast_buffers=False``), which would overwrite the other groups' running statistics
-    (:class:`syncnorm.callbacks.NormConversion` refuses that combination)."""
-    if sync_group_size is None:
-        return pl.strategies.DDPStrategy()
-    return pl.strategies.DDPStrategy(**{DDP_BUFFER_SYNC_ARG: False})
+def ddp_strategy(sync_group_size: Optional[int] = None, sync_buffers: Optional[bool] = None,
+                 **kwargs: Any) -> pl.strategies.DDPStrategy:
+    """The app's DDP strategy (``conf/trainer/ddp_cpu.yaml``, ``ddp_gpu.yaml``, ``multinode.yaml``).
+
+    DDP copies rank 0's buffers to every rank at each forward unless told not to. ``sync_buffers``
+    decides it; ``None`` (the DDP trainers) keeps DDP's default except with ``norm.sync_group_size``
+    set (``sync_group_size``), where each group keeps its own running statistics and the copy would
+    overwrite them (:class:`syncnorm.callbacks.NormConversion` refuses that combination). The setting
+    goes to DDP under :data:`DDP_BUFFER_SYNC_ARG`. ``kwargs`` (e.g. ``timeout``) go to
+    ``DDPStrategy``."""
+    if sync_buffers is None:
+        sync_buffers = sync_group_size is None
+    if not sync_buffers:
+        kwargs[DDP_BUFFER_SYNC_ARG] = False
+    return pl.strategies.DDPStrategy(**kwargs)
 
 
 DDP_BUFFER_SYNC_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in

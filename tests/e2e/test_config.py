@@ -104,7 +104,7 @@ def test_trainer_options(tmp_path, monkeypatch):
         assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs == kwargs, overrides
     multi = instantiate(compose_cfg(tmp_path, ["trainer=multinode"]).trainer, logger=False)
     assert multi.num_devices == 1 and multi.num_nodes == 1
-    assert type(multi.strategy).__name__ == "DDPStrategy" and multi.strategy._ddp_kwargs == {"broadcast_buffers": False}
+    assert type(multi.strategy).__name__ == "DDPStrategy" and multi.strategy._ddp_kwargs == {DDP_BUFFER_SYNC_ARG: False}
     assert multi.strategy._timeout.total_seconds() == 1800
     for option in ("gpu", "ddp_gpu"):
         cfg = compose_cfg(tmp_path, [f"trainer={option}"])

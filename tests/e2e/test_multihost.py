@@ -327,7 +327,7 @@ def test_two_hosts_two_processes_each_host_group_is_batchnorm_over_its_combined_
     Both runs are in float64 (``trainer.precision=64-true``): in float32 the last blocks' norms (1x1
     maps: 16 values per channel and group) amplify rounding differences to ~1e-4 in a few BN weights
     over 6 steps, in either implementation; in float64 the runs agree to ~1e-15, so the equality is
-    checked at 1e-9 with nothing hidden in the tolerance. Without ``broadcast_buffers: false``
+    checked at 1e-9 with nothing hidden in the tolerance. Without ``sync_buffers: false``
     (``conf/trainer/multinode.yaml``) hostB's running statistics were overwritten by rank 0's at
     every forward and differed by ~0.05."""
     t0 = time.monotonic()
