@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pytest
 import torch
@@ -165,13 +165,27 @@ SYNC_ERROR = re.compile(r"SyncError: SyncBatchNorm '(?P<layer>[\w.]+)': (?:forwa
                         r"(?P<rank>\d+) did not complete: no answer within (?P<timeout>[\d.]+) s")
 
 
-def pause_in_layer(signal_file: Path, step: int, pause_s: float = 3.0, layer: str = FAULT_LAYER,
-                   in_gradient: bool = False) -> list[str]:
+def pause_in_layer(signal_file: Path, step: int = 4, pause_s: float = 3.0, layer: str = FAULT_LAYER,
+                   in_gradient: bool = False, linger_until: Optional[Path] = None, linger_s: float = 0.0) -> list[str]:
     """Overrides adding :class:`tests.helpers.probes.PauseInLayer` (active where SN_TEST_PAUSE is set)."""
-    return ["+callbacks.pause._target_=tests.helpers.probes.PauseInLayer", f"+callbacks.pause.layer={layer}",
-            f"+callbacks.pause.step={step}", f"+callbacks.pause.signal_file={signal_file}",
-            f"+callbacks.pause.pause_s={pause_s}", "+callbacks.pause.env_flag=SN_TEST_PAUSE",
-            f"+callbacks.pause.in_gradient={str(in_gradient).lower()}"]
+    out = ["+callbacks.pause._target_=tests.helpers.probes.PauseInLayer", f"+callbacks.pause.layer={layer}",
+           f"+callbacks.pause.step={step}", f"+callbacks.pause.signal_file={signal_file}",
+           f"+callbacks.pause.pause_s={pause_s}", "+callbacks.pause.env_flag=SN_TEST_PAUSE",
+           f"+callbacks.pause.in_gradient={str(in_gradient).lower()}"]
+    if linger_until is not None:
+        out += [f"+callbacks.pause.linger_until={linger_until}", f"+callbacks.pause.linger_s={linger_s}"]
+    return out
+
+
+def start_and_cut(hosts: TwoHosts, workdir: Path, overrides: Sequence[str], env: Optional[dict] = None,
+                  **pause: Any) -> tuple[list[subprocess.Popen], float]:
+    """Both hosts run the tests' small job with ``overrides`` (``env`` added on both), hostB pausing
+    inside a layer (:func:`pause_in_layer` with ``pause``); hostB's link is cut during the pause
+    (:func:`cut_link_during_pause`). The launchers' processes and the time of the cut."""
+    signal_file, env = workdir / "paused", dict(env or {})
+    procs = start_nodes(hosts, workdir, [*TINY, "logger=csv", *overrides, *pause_in_layer(signal_file, **pause)],
+                        env_a=env, env_b={"SN_TEST_PAUSE": "1", **env})
+    return procs, cut_link_during_pause(hosts, procs, signal_file)
 
 
 def cut_link_during_pause(hosts: TwoHosts, procs, signal_file: Path, timeout_s: float = 120) -> float:
@@ -219,11 +233,7 @@ def wait_workers_gone(hosts: TwoHosts, since: float, limit_s: float) -> dict[str
 
 def test_link_down_on_hostB_makes_every_rank_raise_sync_error_naming_the_layer(hosts, tmp_path):
     timeout_s = 5
-    signal_file = tmp_path / "paused"
-    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", f"norm.sync_timeout_s={timeout_s}",
-                                          *pause_in_layer(signal_file, step=4)],
-                        env_b={"SN_TEST_PAUSE": "1"})
-    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    procs, t_cut = start_and_cut(hosts, tmp_path, [f"norm.sync_timeout_s={timeout_s}"])
     seen = wait_sync_errors(hosts, t_cut, timeout_s + 30)
     exited = wait_workers_gone(hosts, t_cut, timeout_s + 30)  # the link still down: each ends on its own
     hosts.link_up(hosts.b)  # then hostB's agent reaches the store again to shut down
@@ -248,11 +258,8 @@ def test_link_down_outside_the_layers_is_bounded_by_the_process_group_timeout(ho
     bound is the process group's timeout, ``trainer.strategy.timeout`` (here 10 s): every rank fails
     with gloo's timeout and its worker ends, the link still down."""
     pg_timeout_s = 10
-    signal_file = tmp_path / "paused"
-    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", f"trainer.strategy.timeout.seconds={pg_timeout_s}",
-                                          *pause_in_layer(signal_file, step=4, layer="net.conv1", in_gradient=True)],
-                        env_b={"SN_TEST_PAUSE": "1"})
-    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    procs, t_cut = start_and_cut(hosts, tmp_path, [f"trainer.strategy.timeout.seconds={pg_timeout_s}"],
+                                 layer="net.conv1", in_gradient=True)
     exited = wait_workers_gone(hosts, t_cut, pg_timeout_s + 30)
     hosts.link_up(hosts.b)
     codes = wait_all(hosts, procs, 90)
@@ -277,17 +284,14 @@ def test_link_down_then_up_restarts_and_resumes_without_lost_steps(hosts, tmp_pa
     their store keys by restart count looked for each other under different keys and the job ran
     out of restarts (issue 15's flaky failure); both must now use the rendezvous round."""
     timeout_s = 5
-    signal_file, link_is_up = tmp_path / "paused", tmp_path / "link-is-up"
+    link_is_up = tmp_path / "link-is-up"
     # hostB's heartbeats stop while the link is down (~8 s, then TCP's retransmission back-off): with
     # torchrun's default (3 x 5 s) hostA's agent may drop hostB as dead, and hostB's agent then restarts
     # only after its worker fails (count 1 on both: the path the old keys also survived); a longer
     # tolerance keeps hostB in the rendezvous, so the agents take the two different paths every time
     restart = {"MAX_RESTARTS": "1", "RDZV_CONF": "keep_alive_max_attempt=20"}
-    pause = [*pause_in_layer(signal_file, step=4), f"+callbacks.pause.linger_until={link_is_up}",
-             "+callbacks.pause.linger_s=30"]
-    procs = start_nodes(hosts, tmp_path, [*TINY, "logger=csv", "ckpt_path=last", f"norm.sync_timeout_s={timeout_s}",
-                                          *pause], env_a=restart, env_b={"SN_TEST_PAUSE": "1", **restart})
-    t_cut = cut_link_during_pause(hosts, procs, signal_file)
+    procs, t_cut = start_and_cut(hosts, tmp_path, ["ckpt_path=last", f"norm.sync_timeout_s={timeout_s}"], env=restart,
+                                 linger_until=link_is_up, linger_s=30)
     seen = wait_sync_errors(hosts, t_cut, timeout_s + 30)
     assert set(seen) == {"hostA", "hostB"}, f"SyncError seen on {sorted(seen)} only\n{tails(hosts)}"
     hosts.link_up(hosts.b)
