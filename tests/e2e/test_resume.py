@@ -66,10 +66,13 @@ def test_two_resumes_keep_every_step_once_resume_mid_epoch_and_continue_the_wand
     assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-6, abs=0) for s in ref), (got, ref)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
-    # W&B: every attempt wrote an offline run with the run folder's id
+    # W&B: every attempt wrote an offline run with the run folder's id (its ``run-<id>.wandb`` file; the
+    # folder is ``offline-run-<second>-<id>``, and W&B appends ``-1`` when two attempts start in one second)
     run_id = (run / "wandb" / WANDB_ID_FILE).read_text().strip()
-    folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert len(folders) == 3 and all(f.endswith(f"-{run_id}") for f in folders), (run_id, folders)
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 3, folders
+    assert all(sorted(f.name for f in folder.glob("*.wandb")) == [f"run-{run_id}.wandb"] for folder in folders), \
+        (run_id, {f.name: sorted(x.name for x in f.glob("*.wandb")) for f in folders})
 
 
 def test_csv_rows_reach_the_disk_with_each_checkpoint(tmp_path):
