@@ -225,27 +225,28 @@ DDP_BUFFER_SYNC_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in
 from torch 2.13 on (where ``broadcast_buffers`` warns that it is deprecated), ``broadcast_buffers`` before."""
 
 
-def init_distributed_for_worker_group(trainer_cfg: Any) -> bool:
+def init_distributed_for_worker_group(trainer: pl.Trainer) -> bool:
     """Initialize the process group ourselves under torchrun, on store keys of this worker group only.
 
     torchrun's agents share one store with their workers for the whole job, and torch (2.13) does not
     prefix the keys per worker group: after ``--max-restarts`` restarts a group, the new workers'
     gloo full-mesh connect read the previous group's addresses (connection refused). Here the group is
     created under ``/syncnorm/<generation>`` (:func:`syncnorm.distributed.worker_generation`: the
-    rendezvous round where the launcher gives its endpoint, else the restart count), with the
-    strategy's ``timeout`` (``trainer_cfg.strategy.timeout``) when the config sets one; Lightning then
-    finds the group initialized and uses it. Does nothing outside torchrun, or on torchrun's first
-    attempt without the endpoint. Returns whether it initialized the group.
+    rendezvous round where the launcher gives its endpoint, else the restart count), with the backend
+    and timeout ``trainer``'s strategy would use (its ``process_group_backend``, else NCCL on a CUDA
+    root device and gloo otherwise; its ``timeout``); Lightning then finds the group initialized and
+    uses it. Does nothing outside torchrun, or on torchrun's first attempt without the endpoint.
+    Returns whether it initialized the group.
     """
     if distributed.is_distributed():
         return False
     generation = distributed.worker_generation()
     if generation is None:
         return False
-    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
-    backend = "nccl" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "gloo"
-    strategy = trainer_cfg.get("strategy")
-    timeout = instantiate(strategy.timeout) if isinstance(strategy, DictConfig) and strategy.get("timeout") else None
+    strategy = trainer.strategy
+    backend = (getattr(strategy, "process_group_backend", None)
+               or ("nccl" if strategy.root_device.type == "cuda" else "gloo"))
+    timeout = getattr(strategy, "_timeout", None)  # DDPStrategy(timeout=...), Lightning's default included
     distributed.init_on_fresh_store(f"/syncnorm/{generation}", backend, timeout)
     log.info("torchrun worker group %s (restart count %s): rank %s of %s, %s process group on the store at %s:%s, "
              "prefix /syncnorm/%s", generation, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),

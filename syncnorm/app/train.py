@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = cfg.get("ckpt_path")
     if resume and resume == finetune.get("checkpoint"):
         resume = None  # fine-tuning: weights only, fresh optimizer and counters
-    init_distributed_for_worker_group(cfg.trainer)
+    init_distributed_for_worker_group(trainer)
     success = False
     try:
         with ddp_children_run_this_job():  # a multirun job: Lightning's DDP children run this job only
